@@ -1,0 +1,81 @@
+"""Shared pytest fixtures: tiny offline models and sample texts."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import KINDS, make_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory):
+    """`tiny_model_factory(kind) -> path`: a tiny saved model + tokenizer for
+    kind in "gpt2", "gpt_neox", "llama", "bert"; built once per session and kind."""
+    cache: dict[str, str] = {}
+
+    def factory(kind: str) -> str:
+        if kind not in cache:
+            cache[kind] = make_tiny_model(kind, tmp_path_factory.mktemp(f"tiny_{kind}"))
+        return cache[kind]
+
+    return factory
+
+
+@pytest.fixture(params=KINDS)
+def tiny_model_dir(request, tiny_model_factory) -> str:
+    """Path of a tiny saved model; parametrised over every kind (override
+    with `@pytest.mark.parametrize("tiny_model_dir", ["gpt2"], indirect=True)`)."""
+    return tiny_model_factory(request.param)
+
+
+@pytest.fixture(scope="session")
+def sample_texts() -> list[str]:
+    """A few dozen varied English sentences and paragraphs."""
+    return list(SAMPLE_TEXTS)
+
+
+SAMPLE_TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "It was the best of times, it was the worst of times.",
+    "Sparse autoencoders decompose activations into a small number of active features.",
+    "On Monday the market opened higher, then fell sharply after the report on inflation.",
+    "She said: \"Bring the blue umbrella, the forecast says rain after four o'clock.\"",
+    "Water boils at 100 degrees Celsius at sea level, and at lower temperatures on mountains.",
+    "The committee will meet again on 14 March 2025 to review the budget.",
+    "Photosynthesis converts light energy into chemical energy stored in glucose.",
+    "A small bakery on the corner sells bread, croissants and a very good apple pie.",
+    "def add(a, b):\n    return a + b",
+    "The train to Edinburgh was delayed by forty minutes because of a signal failure.",
+    "Elephants can recognise themselves in a mirror, a sign of self-awareness.",
+    "Please remember to lock the door and switch off the lights when you leave.",
+    "The novel follows three generations of a family living by the sea.\n\n"
+    "Each chapter is told by a different narrator, and the reader slowly learns what happened "
+    "on the night of the storm.",
+    "Prices: apples 2.50, pears 3.10, cherries 7.99 per kilogram.",
+    "In 1969, astronauts walked on the Moon for the first time.",
+    "Why do cats purr? Scientists still argue about the exact mechanism.",
+    "The function returns None when the input list is empty.",
+    "Heavy snow closed the mountain pass for three days last winter.",
+    "Our results show that wider dictionaries find more specific features.",
+    "He plays the violin every evening, mostly Bach and sometimes Brahms.",
+    "The library is open from nine to five, except on public holidays.",
+    "Tokyo, Paris and New York are among the most visited cities in the world.",
+    "To be, or not to be: that is the question.",
+    "The recipe needs two eggs, a cup of flour, some milk and a pinch of salt.",
+    "Quantum computers use qubits, which can be in a superposition of states.",
+    "After the match, the players thanked the fans who had travelled so far.",
+    "The river flooded the lower town, but nobody was hurt.",
+    "Version 2.1 fixes a bug where the settings page would not save changes.",
+    "Birds migrate south in autumn, following routes learned over thousands of years.",
+    "I think, therefore I am.",
+    "The old lighthouse has guided ships into the harbour for more than a century.",
+    "Dear Sir or Madam, I am writing to ask about the apartment advertised last week.",
+    "Gradient descent takes small steps downhill on the loss surface.",
+    "The children built a sandcastle with towers, a moat and a little flag.",
+    "Ok.",
+]
