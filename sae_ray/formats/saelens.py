@@ -1,0 +1,160 @@
+"""SAELens on-disk format: a directory with `cfg.json` and `sae_weights.safetensors`.
+
+cfg.json is a superset that both SAELens loaders read:
+- SAELens < 6 reads the flat keys (model_name, hook_name, activation_fn_str, ...);
+- SAELens >= 6 reads d_in, d_sae, dtype, device, apply_b_dec_to_input,
+  normalize_activations, reshape_activations, architecture, k and `metadata`.
+  We write no `sae_lens_version`, so it converts the file through its
+  pre-6 path, which handles these keys (k from activation_fn_kwargs for topk).
+  Old loaders know no "topk" architecture: they load standard SAEs only.
+What SAELens has no key for (l1_coefficient, extra) lives under "sae_ray".
+
+Weights: the SAE's state_dict (W_enc [d_in, d_sae], b_enc [d_sae],
+W_dec [d_sae, d_in], b_dec [d_in], plus e.g. `threshold` where an architecture
+has one), stored on CPU. Only safetensors is read, never pickle.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from sae_ray.sae.base import SAEConfig
+
+if TYPE_CHECKING:
+    from sae_ray.sae.base import SAE
+
+CFG_FILENAME = "cfg.json"
+WEIGHTS_FILENAME = "sae_weights.safetensors"
+FORMAT_VERSION = 1
+
+
+def to_saelens_cfg(cfg: SAEConfig) -> dict[str, Any]:
+    """The cfg.json dict for `cfg`."""
+    topk = cfg.architecture == "topk"
+    provenance = {
+        "model_name": cfg.model_name,
+        "hook_name": cfg.hook_name,
+        "hook_layer": cfg.hook_layer,
+        "hook_head_index": None,
+        "context_size": cfg.context_size,
+        "dataset_path": cfg.dataset_path,
+        "prepend_bos": bool(cfg.extra.get("prepend_bos", True)),
+        "model_from_pretrained_kwargs": {},
+    }
+    out: dict[str, Any] = {
+        "architecture": cfg.architecture,
+        "d_in": cfg.d_in,
+        "d_sae": cfg.d_sae,
+        "dtype": cfg.dtype,
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "reshape_activations": "hook_z" if cfg.hook_name.endswith("hook_z") else "none",
+        **provenance,
+        "activation_fn_str": "topk" if topk else "relu",
+        "activation_fn_kwargs": {"k": cfg.k} if topk else {},
+        "finetuning_scaling_factor": False,
+        "dataset_trust_remote_code": False,
+        "sae_lens_training_version": None,
+        "neuronpedia_id": None,
+        "metadata": provenance,
+        "sae_ray": {
+            "format_version": FORMAT_VERSION,
+            "l1_coefficient": cfg.l1_coefficient,
+            "extra": cfg.extra,
+        },
+    }
+    if topk:
+        out["k"] = cfg.k
+        out["rescale_acts_by_decoder_norm"] = False
+    return out
+
+
+def from_saelens_cfg(raw: dict[str, Any], source: str | Path = CFG_FILENAME) -> SAEConfig:
+    """An SAEConfig from a cfg.json dict, ours or SAELens's (old flat or >= 6).
+    `source` names the file in errors."""
+    ours = raw.get("sae_ray") or {}
+    meta = raw.get("metadata") or {}
+
+    def get(key: str, default: Any = None, *old_names: str) -> Any:
+        for name in (key, *old_names):
+            for d in (raw, meta):
+                if d.get(name) is not None:
+                    return d[name]
+        return default
+
+    for key in ("d_in", "d_sae"):
+        if key not in raw:
+            raise ValueError(f"{source}: missing required key {key!r}")
+    apply_b_dec = get("apply_b_dec_to_input", True)
+    if apply_b_dec is not True:
+        raise ValueError(
+            f"{source}: apply_b_dec_to_input={apply_b_dec!r} is not supported; "
+            "sae_ray SAEs always subtract b_dec from the input (accepted: true)"
+        )
+    normalize = get("normalize_activations", "none")
+    if normalize not in ("none", False):
+        raise ValueError(
+            f"{source}: normalize_activations={normalize!r} is not supported; "
+            "fold the scaling into the weights first (accepted: 'none')"
+        )
+
+    activation_fn = get("activation_fn_str", "relu", "activation_fn")
+    architecture = get("architecture", "standard")
+    if architecture == "standard" and activation_fn == "topk":  # SAELens < 6 TopK
+        architecture = "topk"
+    k = get("k") or (get("activation_fn_kwargs") or {}).get("k")
+
+    extra = dict(ours.get("extra") or {})
+    if not ours and get("prepend_bos") is False:
+        extra["prepend_bos"] = False
+    try:
+        return SAEConfig(
+            architecture=architecture,
+            d_in=raw["d_in"],
+            d_sae=raw["d_sae"],
+            k=int(k) if k is not None and architecture == "topk" else None,
+            l1_coefficient=ours.get("l1_coefficient"),
+            model_name=get("model_name", ""),
+            hook_name=get("hook_name", "", "hook_point"),
+            hook_layer=get("hook_layer", -1, "hook_point_layer"),
+            context_size=get("context_size", 0),
+            dataset_path=get("dataset_path", ""),
+            dtype=get("dtype", "float32").removeprefix("torch."),
+            extra=extra,
+        )
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from e
+
+
+def save_saelens(sae: SAE, path: str | Path) -> Path:
+    """Write `path/sae_weights.safetensors` then `path/cfg.json`; returns `path`."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.detach().cpu().contiguous() for name, t in sae.state_dict().items()}
+    save_file(tensors, path / WEIGHTS_FILENAME)
+    (path / CFG_FILENAME).write_text(json.dumps(to_saelens_cfg(sae.cfg), indent=2) + "\n")
+    return path
+
+
+def load_saelens(path: str | Path) -> tuple[SAEConfig, dict[str, Tensor]]:
+    """Read a SAELens directory: (config, {name: CPU tensor})."""
+    path = Path(path)
+    cfg_path, weights_path = path / CFG_FILENAME, path / WEIGHTS_FILENAME
+    for p in (cfg_path, weights_path):
+        if not p.is_file():
+            raise FileNotFoundError(
+                f"{p}: not found; a SAELens SAE directory holds {CFG_FILENAME} and {WEIGHTS_FILENAME}"
+            )
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from e
+    if not isinstance(raw, dict):
+        raise ValueError(f"{cfg_path}: expected a JSON object, got {type(raw).__name__}")
+    return from_saelens_cfg(raw, source=cfg_path), load_file(weights_path)

@@ -1,0 +1,46 @@
+"""Standard SAE: ReLU latents, L1 penalty weighted by decoder row norms."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from sae_ray.sae.base import SAE, SAEConfig, register
+
+
+@register
+class StandardSAE(SAE):
+    """ReLU SAE with a decoder-norm-weighted L1 penalty (Anthropic, April 2024 update).
+
+        f     = ReLU((x - b_dec) @ W_enc + b_enc)                  [B, d_sae]
+        x_hat = f @ W_dec + b_dec                                  [B, d_in]
+        l1    = l1_coefficient * mean_b sum_i f_i * ||W_dec[i]||   scalar
+        loss  = mean_b ||x_hat - x||^2 + l1
+
+    Weighting f_i by ||W_dec[i]|| means shrinking f_i while growing W_dec[i]
+    cannot lower the penalty, so the decoder needs no norm constraint
+    (`pre_step` / `post_step` do nothing). Init, simplified from that update:
+    W_dec rows random directions of norm 0.1 (`cfg.extra["decoder_init_norm"]`),
+    W_enc = W_dec^T, biases zero.
+    """
+
+    architecture = "standard"
+    sparsity_param = "l1_coefficient"
+    decoder_init_norm = 0.1
+
+    def __init__(self, cfg: SAEConfig):
+        if cfg.l1_coefficient is None or cfg.l1_coefficient < 0:
+            raise ValueError(
+                f"SAEConfig.l1_coefficient: {cfg.l1_coefficient!r}; the standard "
+                "architecture needs a number >= 0"
+            )
+        super().__init__(cfg)
+        self.l1_coefficient = float(cfg.l1_coefficient)
+
+    def activation(self, pre: Tensor) -> Tensor:
+        """[B, d_sae] -> [B, d_sae]: ReLU."""
+        return pre.relu()
+
+    def aux_losses(self, x: Tensor, pre: Tensor, f: Tensor, x_hat: Tensor) -> dict[str, Tensor]:
+        """{"l1": l1_coefficient * mean_b sum_i f_i ||W_dec[i]||}; f [B, d_sae]."""
+        l1 = (f * self.W_dec.norm(dim=-1)).sum(-1).mean()
+        return {"l1": self.l1_coefficient * l1}
