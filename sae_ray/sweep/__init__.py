@@ -1,0 +1,164 @@
+"""Ray wiring for a sweep: the buffer's producers and coordinator, then one Tune trial per SAE.
+
+`run_sweep(cfg)` is what `sae-ray run` and `jobs/sweep.py` call. It validates everything
+(preflight) before Ray starts, connects to a cluster when one is given (RAY_ADDRESS, or
+`address=`) and otherwise starts a local Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+
+from sae_ray import tracking
+from sae_ray.buffer import ActivationBuffer
+from sae_ray.config import RunConfig
+from sae_ray.preflight import Plan, preflight
+from sae_ray.sweep.trainable import train_trial, trial_name
+
+SUMMARY_COLUMNS = ["trial", "architecture", "d_sae", "k", "l1_coefficient", "l0", "fvu", "dead_fraction",
+                   "tokens_seen", "train_tokens_per_s", "version"]
+
+
+@dataclass
+class SweepResult:
+    rows: list[dict[str, Any]]
+    """One summary row per trial (see SUMMARY_COLUMNS)."""
+    producer_stats: list[dict[str, Any]] = field(default_factory=list)
+    """Per producer: rows, shards, seconds, tokens_per_s (empty when the buffer was reused)."""
+    parent_run_id: str = ""
+    seconds: float = 0.0
+
+
+def connect_ray(address: str | None = None) -> None:
+    """Join the cluster in `address` or RAY_ADDRESS (a `ray job submit` entrypoint has it); else start a local Ray."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    ray.init(address=address or "local", log_to_driver=True,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}} if not address else None)
+
+
+def start_production(cfg: RunConfig, plan: Plan) -> list:
+    """Create (or reopen) the buffer and start the producers; returns their result refs ([] when already complete)."""
+    from sae_ray.actors.coordinator import BufferCoordinator
+    from sae_ray.actors.producer import ActivationProducer
+
+    b = cfg.buffer
+    buffer = ActivationBuffer.create_or_open(cfg.buffer_path(), plan.fingerprint, plan.hooks, b.shard_rows,
+                                             b.chunk_rows, b.dtype, codec=b.codec)
+    if buffer.is_complete():
+        print(f"[sae-ray] reusing complete buffer {buffer.path} ({buffer.n_rows():,} rows)")
+        return []
+    n = cfg.producers.count
+    coordinator = BufferCoordinator.remote(cfg.buffer_path(), b.n_tokens, n)
+    producers = [
+        ActivationProducer.options(num_cpus=cfg.producers.num_cpus, num_gpus=cfg.producers.num_gpus).remote(
+            cfg.model_dump(mode="json"), rank, n, coordinator)
+        for rank in range(n)
+    ]
+    return [p.run.remote() for p in producers]
+
+
+def run_sweep(cfg: RunConfig, address: str | None = None, plan: Plan | None = None) -> SweepResult:
+    start = time.perf_counter()
+    plan = plan or preflight(cfg)  # raises before Ray starts
+    workdir = cfg.workdir_path()
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    uri = cfg.tracking_uri()
+    experiment_id = tracking.ensure_experiment(uri, cfg.tracking.experiment, cfg.artifact_location())
+    client = tracking.client_for(uri)
+    parent_run_id = tracking.start_run(uri, experiment_id, cfg.name, tags={"sae_ray.kind": "sweep"})
+    tracking.log_params(client, parent_run_id, cfg.model_dump(mode="json"))
+    print(f"[sae-ray] {len(plan.trials)} SAEs on {list(plan.hooks)}; MLflow {uri} run {parent_run_id}")
+
+    try:
+        connect_ray(address)
+        producing = start_production(cfg, plan)
+        r = cfg.resources
+        trainable = tune.with_resources(train_trial, {"cpu": r.cpus_per_trial, "gpu": r.gpus_per_trial})
+        param_space = {
+            "trial": tune.grid_search(plan.trials),
+            "run": cfg.model_dump(mode="json"),
+            "hooks": plan.hooks,
+            "experiment_id": experiment_id,
+            "parent_run_id": parent_run_id,
+        }
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(max_concurrent_trials=r.max_concurrent_trials,
+                                        trial_name_creator=lambda t: trial_name(t.config["trial"]),
+                                        trial_dirname_creator=lambda t: f"{t.trial_id}"),
+            run_config=tune.RunConfig(name=f"{cfg.name}-{parent_run_id[:8]}", storage_path=str(workdir / "tune"), verbose=1),
+        )
+        results = tuner.fit()
+        producer_stats = ray.get(producing)
+        for s in producer_stats:
+            s["tokens_per_s"] = s["rows"] / max(s["seconds"], 1e-9)
+        errors = [str(r.error) for r in results if r.error is not None]
+        rows = [_summary_row(r.config["trial"], r.metrics or {}) for r in results if r.error is None]
+        rows.sort(key=lambda row: (row["architecture"], row["d_sae"], row["k"] or 0, row["l1_coefficient"] or 0))
+        _log_summary(client, parent_run_id, rows, producer_stats, cfg)
+        if errors:
+            raise RuntimeError(f"{len(errors)} of {len(plan.trials)} trials failed; first error:\n{errors[0]}")
+        client.set_terminated(parent_run_id)
+    except BaseException:
+        client.set_terminated(parent_run_id, status="FAILED")
+        raise
+    return SweepResult(rows, producer_stats, parent_run_id, time.perf_counter() - start)
+
+
+def _summary_row(trial: dict, m: dict) -> dict[str, Any]:
+    return {
+        "trial": trial_name(trial), "architecture": trial["architecture"], "d_sae": trial["d_sae"],
+        "k": trial.get("k"), "l1_coefficient": trial.get("l1_coefficient"), "hook": trial["hook"],
+        "l0": m.get("final_l0"), "fvu": m.get("final_fvu"), "dead_fraction": m.get("final_dead_fraction"),
+        "tokens_seen": m.get("final_tokens_seen"), "train_tokens_per_s": m.get("final_train_tokens_per_s"),
+        "version": m.get("registered_version"), "mlflow_run_id": m.get("mlflow_run_id"),
+    }
+
+
+def format_table(rows: list[dict[str, Any]], columns: list[str] = SUMMARY_COLUMNS) -> str:
+    def cell(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    body = [[cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(b[i]) for b in body)) if body else len(c) for i, c in enumerate(columns)]
+    line = lambda cells: "  ".join(x.ljust(w) for x, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(columns), line(["-" * w for w in widths]), *map(line, body)])
+
+
+def _log_summary(client, run_id: str, rows: list[dict], producer_stats: list[dict], cfg: RunConfig) -> None:
+    """The sweep's summary table in the parent run, plus aliases for the best SAE per registered model."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "summary.txt").write_text(format_table(rows) + "\n")
+        Path(tmp, "summary.json").write_text(json.dumps({"trials": rows, "producers": producer_stats}, indent=2, default=str))
+        client.log_artifacts(run_id, tmp)
+    if producer_stats:
+        total_rows = sum(s["rows"] for s in producer_stats)
+        tracking.log_metrics(client, run_id, {
+            "buffer_rows": total_rows,
+            "producer_tokens_per_s": sum(s["tokens_per_s"] for s in producer_stats),
+        }, 0)
+    if cfg.tracking.register_models:
+        for hook in {row["hook"] for row in rows}:
+            mine = [row for row in rows if row["hook"] == hook and row["version"] and row["fvu"] is not None]
+            if mine:
+                best = min(mine, key=lambda row: row["fvu"])
+                name = tracking.registry_name(cfg.model.name, hook)
+                tracking.retry(lambda: client.set_registered_model_alias(name, "best-fvu", best["version"]))

@@ -1,0 +1,62 @@
+"""Built-in offline text: Python's own documentation, for the quickstart and for machines without the hub.
+
+`data.path: builtin:python-docs` is written once to `<workdir>/data/python-docs.jsonl`
+(one document per line, column "text") and then loaded through `datasets` like any
+local file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import pkgutil
+import sys
+import warnings
+from pathlib import Path
+
+BUILTIN_PREFIX = "builtin:"
+BUILTINS = ("python-docs",)
+
+
+def python_docs(min_chars: int = 200) -> list[str]:
+    """Python's help topics (pydoc_data) and the docstrings of standard-library modules, classes and functions."""
+    from pydoc_data.topics import topics
+
+    docs = [text for _, text in sorted(topics.items())]
+    names = sorted(m.name for m in pkgutil.iter_modules() if m.name in sys.stdlib_module_names and not m.name.startswith("_"))
+    skip = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "ensurepip", "venv", "lib2to3"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in names:
+            if name in skip:
+                continue
+            try:
+                module = importlib.import_module(name)
+            except Exception:  # noqa: BLE001 - some stdlib modules need optional system libraries
+                continue
+            for obj in [module, *(v for _, v in sorted(vars(module).items()) if inspect.isclass(v) or inspect.isfunction(v))]:
+                if getattr(obj, "__module__", name) not in (name, None) and obj is not module:
+                    continue  # re-exported from elsewhere
+                doc = inspect.getdoc(obj)
+                if doc and len(doc) >= min_chars:
+                    docs.append(doc)
+    return list(dict.fromkeys(docs))  # dedupe, keep order
+
+
+def resolve_dataset_path(path: str, workdir: str | Path) -> str:
+    """Materialise a `builtin:` dataset under workdir and return its file path; other paths pass through."""
+    if not path.startswith(BUILTIN_PREFIX):
+        return path
+    name = path.removeprefix(BUILTIN_PREFIX)
+    if name not in BUILTINS:
+        raise ValueError(f"data.path: value {path!r}: unknown builtin dataset; accepted: {[BUILTIN_PREFIX + b for b in BUILTINS]}")
+    out = Path(workdir) / "data" / f"{name}.jsonl"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        with tmp.open("w") as f:
+            for doc in python_docs():
+                f.write(json.dumps({"text": doc}) + "\n")
+        tmp.replace(out)  # atomic: a concurrent reader never sees half a file
+    return str(out)

@@ -1,0 +1,134 @@
+"""The `sae-ray` command."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def _load(args):
+    from sae_ray.config import load_config
+
+    return load_config(args.config, args.set)
+
+
+def cmd_validate(args) -> int:
+    from sae_ray.preflight import preflight
+
+    cfg = _load(args)
+    plan = preflight(cfg, check_data=not args.static, check_buffer=not args.static)
+    print(f"{args.config}: OK — {len(plan.trials)} SAEs on hooks {plan.hooks} (hook: d_in)")
+    for t in plan.trials:
+        print("  ", {k: v for k, v in t.items() if v is not None})
+    return 0
+
+
+def cmd_run(args) -> int:
+    from sae_ray.preflight import preflight
+    from sae_ray.sweep import format_table, run_sweep
+
+    start = time.perf_counter()
+    cfg = _load(args)
+    plan = preflight(cfg)
+    result = run_sweep(cfg, address=args.address, plan=plan)
+    print()
+    print(format_table(result.rows))
+    for s in result.producer_stats:
+        print(f"producer {s['rank']}: {s['rows']:,} rows in {s['shards']} shards, {s['tokens_per_s']:,.0f} tokens/s")
+    print(f"\nwall time {time.perf_counter() - start:.0f}s; buffer {cfg.buffer_path()}")
+    print(f"MLflow: {cfg.tracking_uri()} (parent run {result.parent_run_id})")
+    print(f"  open the UI:  mlflow ui --backend-store-uri {cfg.tracking_uri()} --host 127.0.0.1")
+    print(f"  list SAEs:    sae-ray registry list --tracking-uri {cfg.tracking_uri()}")
+    return 0
+
+
+def _tracking_uri(args) -> str:
+    from sae_ray import default_tracking_uri
+
+    if args.tracking_uri:
+        return args.tracking_uri
+    if args.config:
+        from sae_ray.config import load_config
+
+        return load_config(args.config).tracking_uri()
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
+KEY_TAGS = ["architecture", "d_sae", "k", "l1_coefficient", "l0", "fvu", "dead_fraction", "tokens_seen"]
+
+
+def cmd_registry_list(args) -> int:
+    from sae_ray import tracking
+
+    client = tracking.client_for(_tracking_uri(args))
+    models = client.search_registered_models()
+    if not models:
+        print("no registered SAEs")
+    for m in models:
+        aliases = {v: a for a, v in (m.aliases or {}).items()}
+        print(m.name)
+        for v in sorted(client.search_model_versions(f"name = '{m.name}'"), key=lambda v: int(v.version)):
+            tags = "  ".join(f"{k}={v.tags[k]}" for k in KEY_TAGS if k in v.tags)
+            alias = f" @{aliases[v.version]}" if v.version in aliases else ""
+            print(f"  v{v.version}{alias}  {tags}")
+    return 0
+
+
+def cmd_registry_show(args) -> int:
+    from sae_ray import tracking
+
+    client = tracking.client_for(_tracking_uri(args))
+    mv = tracking.resolve_version(client, args.ref)
+    print(f"{mv.name} version {mv.version}")
+    print(f"  source: {mv.source}")
+    print(f"  run:    {mv.run_id}")
+    print(f"  uri:    models:/{mv.name}/{mv.version}")
+    for k in sorted(mv.tags):
+        print(f"  {k}: {mv.tags[k]}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sae-ray", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp):
+        sp.add_argument("config", help="YAML config file")
+        sp.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a config field, e.g. --set train.lr=1e-4 (repeatable)")
+        return sp
+
+    r = with_config(sub.add_parser("run", help="produce the buffer and train the sweep"))
+    r.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    r.set_defaults(fn=cmd_run)
+    v = with_config(sub.add_parser("validate", help="check a config (and its model, hooks, data, buffer) without running"))
+    v.add_argument("--static", action="store_true", help="skip the data and buffer checks")
+    v.set_defaults(fn=cmd_validate)
+
+    reg = sub.add_parser("registry", help="look up registered SAEs").add_subparsers(dest="registry_command", required=True)
+    for name, fn, hlp in [("list", cmd_registry_list, "registered models and their versions"),
+                          ("show", cmd_registry_show, "one version: NAME, NAME@ALIAS or NAME/VERSION")]:
+        sp = reg.add_parser(name, help=hlp)
+        if name == "show":
+            sp.add_argument("ref")
+        sp.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: from --config, $MLFLOW_TRACKING_URI, or runs/default)")
+        sp.add_argument("--config", default=None, help="take the tracking URI from this run config")
+        sp.set_defaults(fn=fn)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from sae_ray.config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,305 @@
+"""Run configuration: pydantic models for every section, YAML loading, `--set` overrides.
+
+A config is checked in two passes before anything expensive starts:
+
+1. `load_config` — types, ranges and the rules between fields (this module, no I/O
+   beyond reading the YAML). Every problem is collected and reported at once as
+   ``field.path: value ...: what is accepted``.
+2. `sae_ray.preflight.preflight` — the checks that need to look at the world (the
+   model path, the hook points, the dataset, an existing buffer).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+
+class ConfigError(ValueError):
+    """One or more problems in a config; `problems` holds one line per problem."""
+
+    def __init__(self, problems: list[str], source: str = "config"):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{source}: {len(problems)} problem(s):\n{lines}")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name: str = Field(description="Hugging Face hub id, a local directory, or 'package:<python_package>/<subdir>' for a model a Python package ships.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit); part of the buffer fingerprint.")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="dtype the model computes in.")
+    device: str = Field("auto", description="'auto' (cuda when the producer has a GPU, else cpu), 'cpu' or 'cuda'.")
+    trust_remote_code: bool = Field(False, description="Allow code from the model repository to run. Off unless you trust it.")
+
+
+class DataConfig(Section):
+    path: str = Field(description="Hub dataset id, or a local file/directory (.txt, .json, .jsonl, .parquet).")
+    name: str | None = Field(None, description="Hub dataset configuration name.")
+    split: str = Field("train", description="Dataset split.")
+    text_column: str = Field("text", description="Column holding the text.")
+    streaming: bool | None = Field(None, description="Stream the dataset; default: on for hub datasets, off for local files.")
+    context_size: int = Field(128, gt=1, description="Tokens per packed context fed to the model.")
+    batch_size: int = Field(16, gt=0, description="Contexts per forward pass.")
+    max_documents: int | None = Field(None, gt=0, description="Stop after this many documents (None: the whole dataset).")
+
+
+class HookPointConfig(Section):
+    layer: int | None = Field(None, ge=0, description="Block index.")
+    site: Literal["resid_pre", "resid_post", "mlp_out", "attn_out"] | None = Field(None, description="Where in the block.")
+    module: str | None = Field(None, description="A raw module path (model.named_modules()); instead of layer+site.")
+
+
+class BufferConfig(Section):
+    path: str | None = Field(None, description="Zarr store directory; default <workdir>/buffer.")
+    n_tokens: int = Field(1_000_000, gt=0, description="Rows (non-special tokens) to produce; production also stops when the dataset ends.")
+    shard_rows: int = Field(65_536, gt=0, description="Rows per shard: the unit one producer writes at once.")
+    chunk_rows: int = Field(4_096, gt=0, description="Rows per chunk: the unit of reading. Must divide shard_rows.")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="dtype activations are stored in.")
+    codec: Literal["zstd", "none"] = Field("zstd", description="Blosc zstd (level 1, byte shuffle) or no compression.")
+
+
+class ProducerConfig(Section):
+    count: int = Field(1, gt=0, description="Number of producer actors (one per GPU on a GPU machine).")
+    num_gpus: float = Field(0, ge=0, description="GPU share each producer takes (0 on CPU).")
+    num_cpus: float = Field(1, ge=0, description="CPUs each producer takes.")
+
+
+class SweepConfig(Section):
+    """The SAE search space: the grid is architectures x widths x (each architecture's own sparsity values)."""
+
+    architectures: list[str] = Field(["topk"], min_length=1, description="SAE architectures to train (see sae_ray.sae.ARCHITECTURES).")
+    expansion_factor: list[int] | None = Field(None, description="d_sae = expansion_factor * d_in. Give this or d_sae.")
+    d_sae: list[int] | None = Field(None, description="Dictionary sizes. Give this or expansion_factor.")
+    l1_coefficient: list[float] | None = Field(None, description="Sparsity coefficients for architectures with an L1/L0 penalty.")
+    k: list[int] | None = Field(None, description="Active latents per token for TopK-style architectures.")
+
+
+class TrainConfig(Section):
+    total_tokens: int = Field(1_000_000, gt=0, description="Training tokens per SAE (rows are reused over epochs if the buffer is smaller).")
+    batch_size: int = Field(4096, gt=0, description="Rows per optimizer step.")
+    lr: float = Field(3e-4, gt=0, description="Adam learning rate.")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas.")
+    seed: int = Field(0, description="Seed for SAE init and the reader's shard order.")
+    log_every: int = Field(20, gt=0, description="Steps between metric reports.")
+    eval_rows: int = Field(8192, gt=0, description="Rows used for the final FVU/L0 evaluation: the first rows of the lowest committed shard.")
+    dead_tokens: int = Field(1_000_000, gt=0, description="A latent that has not fired for this many tokens counts as dead.")
+    device: str = Field("auto", description="'auto', 'cpu' or 'cuda'.")
+    wait_for_buffer: bool = Field(False, description="Wait for the whole buffer before training (default: start as soon as a shard is committed).")
+
+
+class TrackingConfig(Section):
+    uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///<workdir>/mlflow.db. Use an http:// server on a cluster.")
+    artifact_location: str | None = Field(None, description="Where artifacts go; default <workdir>/mlartifacts (ignored for an existing experiment).")
+    experiment: str = Field("sae-ray", description="MLflow experiment name.")
+    register_models: bool = Field(True, description="Register every trained SAE in the model registry.")
+
+
+class ResourcesConfig(Section):
+    cpus_per_trial: float = Field(1, gt=0, description="CPUs each Tune trial takes.")
+    gpus_per_trial: float = Field(0, ge=0, description="GPU share each Tune trial takes.")
+    max_concurrent_trials: int | None = Field(None, gt=0, description="Cap on trials running at once (None: as resources allow).")
+
+
+class RunConfig(Section):
+    name: str = Field("sae-sweep", description="Name of the sweep (parent MLflow run, Tune experiment).")
+    workdir: str = Field("runs/default", description="Directory for the buffer, MLflow store and Tune results (relative to the current directory).")
+    model: ModelConfig
+    data: DataConfig
+    hooks: list[HookPointConfig] = Field(min_length=1, description="Hook points to capture.")
+    buffer: BufferConfig = BufferConfig()
+    producers: ProducerConfig = ProducerConfig()
+    sae: SweepConfig = SweepConfig()
+    train: TrainConfig = TrainConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+
+    # -- resolved paths ---------------------------------------------------------------
+    def workdir_path(self) -> Path:
+        return Path(self.workdir).expanduser().resolve()
+
+    def buffer_path(self) -> str:
+        return self.buffer.path or str(self.workdir_path() / "buffer")
+
+    def tracking_uri(self) -> str:
+        return self.tracking.uri or f"sqlite:///{self.workdir_path() / 'mlflow.db'}"
+
+    def artifact_location(self) -> str:
+        return self.tracking.artifact_location or (self.workdir_path() / "mlartifacts").as_uri()
+
+
+# ---------------------------------------------------------------------------------------
+# Rules between fields (pydantic checks types and ranges; these check meaning)
+# ---------------------------------------------------------------------------------------
+
+def _sparsity_param(architecture: str) -> str:
+    from sae_ray.sae import ARCHITECTURES
+
+    return ARCHITECTURES[architecture].sparsity_param
+
+
+def _rule_problems(cfg: dict[str, Any], sections: dict[str, BaseModel]) -> list[str]:
+    """Checks that span fields. `sections` holds the sections that validated on their own."""
+    from sae_ray.sae import ARCHITECTURES
+
+    problems: list[str] = []
+    sweep: SweepConfig | None = sections.get("sae")  # type: ignore[assignment]
+    if sweep is not None:
+        if (sweep.expansion_factor is None) == (sweep.d_sae is None):
+            problems.append(
+                f"sae: expansion_factor={sweep.expansion_factor!r}, d_sae={sweep.d_sae!r}: give exactly one of them (a list of widths)"
+            )
+        for field in ("expansion_factor", "d_sae", "k"):
+            values = getattr(sweep, field)
+            if values is not None and (not values or any(v <= 0 for v in values)):
+                problems.append(f"sae.{field}: value {values!r}: must be a non-empty list of positive integers")
+        for arch in sweep.architectures:
+            if arch not in ARCHITECTURES:
+                problems.append(f"sae.architectures: value {arch!r}: unknown; accepted: {sorted(ARCHITECTURES)}")
+                continue
+            param = _sparsity_param(arch)
+            values = getattr(sweep, param)
+            if not values:
+                problems.append(
+                    f"sae.{param}: value {values!r}: architecture {arch!r} needs a non-empty list of {param} values"
+                    + (" (> 0; without a sparsity penalty it learns dense, useless features)" if param == "l1_coefficient" else "")
+                )
+            elif param == "l1_coefficient" and any(v <= 0 for v in values):
+                problems.append(
+                    f"sae.l1_coefficient: value {values!r}: architecture {arch!r} needs every coefficient > 0 "
+                    "(0 trains with no sparsity penalty and gives dense, useless features)"
+                )
+            elif param == "k" and sweep.d_sae:
+                too_big = [k for k in values if k >= min(sweep.d_sae)]
+                if too_big:
+                    problems.append(f"sae.k: value {too_big!r}: k must be < d_sae (smallest d_sae is {min(sweep.d_sae)})")
+    for i, hook in enumerate(sections.get("hooks") or []):
+        if hook.module is None and (hook.layer is None or hook.site is None):
+            problems.append(f"hooks[{i}]: value {hook.model_dump(exclude_none=True)!r}: give layer and site, or module")
+        if hook.module is not None and (hook.layer is not None or hook.site is not None):
+            problems.append(f"hooks[{i}]: value {hook.model_dump(exclude_none=True)!r}: give module alone, not with layer/site")
+    buf: BufferConfig | None = sections.get("buffer")  # type: ignore[assignment]
+    if buf is not None and buf.shard_rows % buf.chunk_rows:
+        problems.append(f"buffer.chunk_rows: value {buf.chunk_rows}: must divide buffer.shard_rows ({buf.shard_rows})")
+    return problems
+
+
+def check_k_against_width(cfg: RunConfig, d_in: int) -> list[str]:
+    """Once d_in is known: every k must be below every d_sae it is paired with."""
+    problems = []
+    for trial in expand_sweep(cfg.sae, d_in):
+        if trial.get("k") is not None and trial["k"] >= trial["d_sae"]:
+            problems.append(
+                f"sae.k: value {trial['k']}: must be < d_sae ({trial['d_sae']} = expansion_factor x d_in {d_in}) for {trial['architecture']}"
+            )
+    return sorted(set(problems))
+
+
+def expand_sweep(sweep: SweepConfig, d_in: int) -> list[dict[str, Any]]:
+    """The grid of trials: one dict per SAE with architecture, d_sae, expansion_factor and its sparsity value."""
+    widths = [(ef * d_in, ef) for ef in sweep.expansion_factor] if sweep.expansion_factor else [
+        (d, d / d_in) for d in sweep.d_sae or []
+    ]
+    trials = []
+    for arch in sweep.architectures:
+        param = _sparsity_param(arch)
+        for d_sae, ef in widths:
+            for value in getattr(sweep, param) or []:
+                trials.append({"architecture": arch, "d_sae": int(d_sae), "expansion_factor": ef, param: value})
+    return trials
+
+
+# ---------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` strings (value parsed as YAML) to a nested dict; `hooks.0.layer=3` indexes lists."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError([f"--set {item!r}: expected FIELD.PATH=VALUE, e.g. train.lr=1e-4"])
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node: Any = raw
+        for part in parts[:-1]:
+            if isinstance(node, list):
+                node = node[int(part)]
+            else:
+                node = node.setdefault(part, {})
+        last = parts[-1]
+        parsed = yaml.safe_load(value)
+        if isinstance(node, list):
+            node[int(last)] = parsed
+        else:
+            node[last] = parsed
+    return raw
+
+
+def _format_pydantic(err: ValidationError, prefix: str = "") -> list[str]:
+    out = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
+        value = e.get("input")
+        shown = "<missing>" if e["type"] == "missing" else repr(value)
+        if len(shown) > 120:
+            shown = shown[:117] + "..."
+        out.append(f"{loc}: value {shown}: {e['msg']}")
+    return out
+
+
+def validate_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
+    """Validate a raw dict; raise ConfigError listing every problem found."""
+    if not isinstance(raw, dict):
+        raise ConfigError([f"top level: value {raw!r}: expected a mapping of sections"], source)
+    problems: list[str] = []
+    sections: dict[str, Any] = {}
+    fields = RunConfig.model_fields
+    for key in raw:
+        if key not in fields:
+            problems.append(f"{key}: unknown section; accepted: {sorted(fields)}")
+    # Validate each section on its own so that one bad section doesn't hide the rules of another.
+    for key, field in fields.items():
+        if key not in raw:
+            continue
+        try:
+            sections[key] = TypeAdapter(field.annotation).validate_python(raw[key])
+        except ValidationError as e:
+            problems.extend(_format_pydantic(e, key))
+    try:
+        cfg = RunConfig.model_validate({k: v for k, v in raw.items() if k in fields})
+    except ValidationError as e:
+        cfg = None
+        for p in _format_pydantic(e):
+            if p.split(":")[0].split(".")[0] not in sections and p not in problems:
+                problems.append(p)  # missing sections
+    problems.extend(_rule_problems(raw, sections))
+    if problems:
+        raise ConfigError(problems, source)
+    assert cfg is not None
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config, apply `--set` overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{path}: not valid YAML: {e}"], str(path)) from e
+    return validate_config(apply_overrides(raw, overrides or []), str(path))
+
+
+def config_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -1,0 +1,111 @@
+"""Config validation: every rule, all problems reported at once, overrides."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sae_ray.config import ConfigError, apply_overrides, expand_sweep, load_config, validate_config
+
+BASE = {
+    "model": {"name": "some/model"},
+    "data": {"path": "docs.jsonl"},
+    "hooks": [{"layer": 1, "site": "resid_post"}],
+    "sae": {"architectures": ["standard", "topk"], "expansion_factor": [4], "l1_coefficient": [1.0], "k": [8]},
+}
+
+
+def problems_of(raw) -> list[str]:
+    with pytest.raises(ConfigError) as e:
+        validate_config(raw)
+    return e.value.problems
+
+
+def with_sae(**sae):
+    return {**BASE, "sae": {**BASE["sae"], **sae}}
+
+
+def test_valid_config_expands_to_grid():
+    cfg = validate_config(BASE)
+    trials = expand_sweep(cfg.sae, d_in=32)
+    assert [(t["architecture"], t["d_sae"]) for t in trials] == [("standard", 128), ("topk", 128)]
+    assert trials[0]["l1_coefficient"] == 1.0 and "k" not in trials[0]
+    assert trials[1]["k"] == 8
+
+
+@pytest.mark.parametrize("value", [None, [], [0.0], [1.0, 0.0]])
+def test_l1_without_coefficient_or_zero_is_an_error(value):
+    problems = problems_of(with_sae(architectures=["standard"], l1_coefficient=value))
+    assert any(p.startswith("sae.l1_coefficient") and "standard" in p for p in problems), problems
+
+
+@pytest.mark.parametrize("value", [None, []])
+def test_topk_without_k_is_an_error(value):
+    problems = problems_of(with_sae(architectures=["topk"], k=value))
+    assert any(p.startswith("sae.k") and "topk" in p for p in problems), problems
+
+
+def test_k_not_below_d_sae_is_an_error():
+    raw = with_sae(architectures=["topk"], expansion_factor=None, d_sae=[64], k=[8, 64])
+    problems = problems_of(raw)
+    assert any("sae.k" in p and "64" in p and "d_sae" in p for p in problems), problems
+
+
+def test_unknown_architecture_lists_valid_ones():
+    problems = problems_of(with_sae(architectures=["relu6"]))
+    assert any("relu6" in p and "topk" in p and "standard" in p for p in problems), problems
+
+
+def test_every_problem_is_reported_at_once():
+    raw = {
+        "model": {"name": "m", "dtype": "float64"},
+        "data": {"path": "x", "context_size": 0},
+        "hooks": [{"layer": 1, "site": "resid_middle"}],
+        "train": {"lr": -1},
+        "sae": {"architectures": ["standard"], "expansion_factor": [4], "l1_coefficient": [0]},
+        "bogus": {},
+    }
+    problems = problems_of(raw)
+    text = "\n".join(problems)
+    for path in ["model.dtype", "data.context_size", "hooks.0.site", "train.lr", "sae.l1_coefficient", "bogus"]:
+        assert path in text, (path, text)
+    # the bad value and what is accepted are named
+    assert "'float64'" in text and "bfloat16" in text
+    assert "resid_middle" in text and "resid_post" in text
+
+
+def test_missing_sections_and_width_rules():
+    problems = problems_of({"hooks": [{"layer": 0}], "sae": {"architectures": ["topk"], "k": [4]}})
+    text = "\n".join(problems)
+    assert "model" in text and "data" in text
+    assert "expansion_factor" in text  # neither width given
+    assert "hooks[0]" in text  # layer without site
+
+
+def test_overrides_apply_and_are_validated(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(BASE))
+    cfg = load_config(path, ["train.lr=1e-4", "sae.k=[4, 16]", "hooks.0.layer=0"])
+    assert cfg.train.lr == 1e-4 and cfg.sae.k == [4, 16] and cfg.hooks[0].layer == 0
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        load_config(path, ["train.batch_size=-3"])
+    with pytest.raises(ConfigError, match="FIELD.PATH=VALUE"):
+        apply_overrides({}, ["train.lr"])
+
+
+def test_validate_command_reports_problems_and_exit_code(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(with_sae(architectures=["standard"], l1_coefficient=[0])))
+    out = subprocess.run([sys.executable, "-m", "sae_ray.cli", "validate", str(path), "--static"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "sae.l1_coefficient" in out.stderr
+
+
+def test_shipped_configs_are_valid():
+    for name in ["quickstart.yaml", "pythia-70m.yaml"]:
+        cfg = load_config(Path(__file__).parent.parent / "jobs" / "configs" / name)
+        assert cfg.sae.architectures == ["standard", "topk"]
+        assert len(cfg.sae.l1_coefficient) == 2 and len(cfg.sae.k) == 2

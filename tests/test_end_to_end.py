@@ -1,0 +1,130 @@
+"""The whole path for real: tiny model -> producer actors -> Zarr buffer -> Ray Tune trials -> sqlite MLflow registry."""
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import ray
+import torch
+from transformers import AutoTokenizer
+
+import sae_ray
+from sae_ray import tracking
+from sae_ray.buffer import ActivationBuffer
+from sae_ray.config import ConfigError, validate_config
+from sae_ray.eval.metrics import evaluate_sae
+from sae_ray.preflight import preflight
+from sae_ray.sweep import run_sweep
+from tiny_models import write_jsonl
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def sweep_config(workdir, model_dir, data_path, **changes):
+    raw = {
+        "name": "e2e",
+        "workdir": str(workdir),
+        "model": {"name": model_dir},
+        "data": {"path": str(data_path), "context_size": 24, "batch_size": 4},
+        "hooks": [{"layer": 1, "site": "resid_post"}],
+        "buffer": {"n_tokens": 10_000_000, "shard_rows": 128, "chunk_rows": 32},
+        "producers": {"count": 2, "num_cpus": 0.5},
+        "sae": {"architectures": ["standard", "topk"], "expansion_factor": [2], "l1_coefficient": [0.5], "k": [4, 8]},
+        "train": {"total_tokens": 2048, "batch_size": 128, "log_every": 4, "eval_rows": 100, "dead_tokens": 1024},
+        "resources": {"cpus_per_trial": 0.5},
+    }
+    for key, value in changes.items():
+        raw[key] = {**raw[key], **value}
+    return validate_config(raw)
+
+
+def test_sweep_end_to_end(tmp_path, tiny_model_factory, sample_texts, local_ray):
+    model_dir = tiny_model_factory("gpt2")
+    data = write_jsonl(tmp_path / "docs.jsonl", sample_texts * 3)
+    cfg = sweep_config(tmp_path / "work", model_dir, data)
+    result = run_sweep(cfg)
+
+    # The buffer holds exactly the non-special tokens fed in: same count, same multiset of ids.
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    special = set(tok.all_special_ids)
+    expected = Counter(t for text in sample_texts * 3 for t in tok(text, add_special_tokens=False)["input_ids"]
+                       if t not in special)
+    buffer = ActivationBuffer.open(cfg.buffer_path())
+    assert buffer.is_complete()
+    assert buffer.n_rows() == sum(expected.values())
+    got = Counter(int(t) for sid in buffer.committed() for t in buffer.read_tokens(sid))
+    assert got == expected
+    assert sum(s["rows"] for s in result.producer_stats) == buffer.n_rows()
+    assert len(result.producer_stats) == 2 and all(s["rows"] > 0 for s in result.producer_stats)
+
+    # Every trial registered a version with its tags.
+    client = tracking.client_for(cfg.tracking_uri())
+    name = tracking.registry_name(model_dir, "blocks.1.hook_resid_post")
+    versions = client.search_model_versions(f"name = '{name}'")
+    assert len(versions) == len(result.rows) == 3
+    for v in versions:
+        for tag in ["architecture", "d_sae", "expansion_factor", "l0", "fvu", "dead_fraction", "tokens_seen"]:
+            assert tag in v.tags, (tag, v.tags)
+        assert ("k" in v.tags) == (v.tags["architecture"] == "topk")
+        assert ("l1_coefficient" in v.tags) == (v.tags["architecture"] == "standard")
+        assert int(v.tags["tokens_seen"]) >= cfg.train.total_tokens
+        run = client.get_run(v.run_id)
+        assert run.data.tags["mlflow.parentRunId"] == result.parent_run_id
+        assert "fvu" in run.data.metrics and "l0" in run.data.metrics
+        assert len(client.get_metric_history(v.run_id, "mse")) >= 2  # per-step metrics
+        # load_sae on the registered version reproduces the logged FVU on the same rows
+        sae = sae_ray.load_sae(f"models:/{name}/{v.version}", tracking_uri=cfg.tracking_uri())
+        x = torch.as_tensor(buffer.read_rows("blocks.1.hook_resid_post", int(v.tags["eval_shard"]), 0, int(v.tags["eval_rows"])))
+        again = evaluate_sae(sae, x.float())
+        assert again["fvu"] == pytest.approx(run.data.metrics["final/fvu"], rel=1e-4, abs=1e-6)
+        assert again["fvu"] < 1.0
+        if v.tags["architecture"] == "topk":
+            assert again["l0"] <= int(v.tags["k"]) + 1e-6
+
+    # Aliases and the summary in the parent run.
+    assert client.get_model_version_by_alias(name, "best-fvu").version in {v.version for v in versions}
+    artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
+    assert {"summary.txt", "summary.json"} <= artifacts
+
+    # A second run with the same fingerprint reuses the complete buffer (nothing regenerated).
+    before = buffer.committed()
+    again = run_sweep(cfg.model_copy(update={"sae": cfg.sae.model_copy(update={"architectures": ["topk"], "k": [4]})}))
+    assert again.producer_stats == [] and ActivationBuffer.open(cfg.buffer_path()).committed() == before
+
+
+def test_bad_inputs_fail_before_training_and_keep_data(tmp_path, tiny_model_factory, sample_texts):
+    model_dir = tiny_model_factory("gpt2")
+    data = write_jsonl(tmp_path / "docs.jsonl", sample_texts)
+
+    def problems(**changes) -> str:
+        with pytest.raises(ConfigError) as e:
+            preflight(sweep_config(tmp_path / "w", model_dir, data, **changes))
+        return str(e.value)
+
+    assert "does-not-exist" in problems(model={"name": str(tmp_path / "does-not-exist")})
+    bad_hook = sweep_config(tmp_path / "w", model_dir, data).model_dump()
+    bad_hook["hooks"] = [{"layer": 9, "site": "resid_post"}]
+    with pytest.raises(ConfigError, match=r"hooks\[0\].*layer"):
+        preflight(validate_config(bad_hook))
+    assert "body" in problems(data={"text_column": "body"}) and "text" in problems(data={"text_column": "body"})
+    empty = write_jsonl(tmp_path / "empty.jsonl", [""])
+    assert "no" in problems(data={"path": empty}).lower()
+    assert "k" in problems(sae={"architectures": ["topk"], "k": [64]})  # k >= d_sae = 2 * 32
+
+    # A buffer directory holding another fingerprint: an error, and nothing in it is touched.
+    cfg = sweep_config(tmp_path / "w", model_dir, data)
+    plan = preflight(cfg)
+    buf = ActivationBuffer.create_or_open(cfg.buffer_path(), {**plan.fingerprint, "context_size": 999}, plan.hooks, 128, 32)
+    buf.ensure_capacity(1)
+    rows = np.ones((5, 32), np.float32)
+    buf.write_shard(0, {"blocks.1.hook_resid_post": rows}, np.arange(5), np.zeros(5), np.arange(5))
+    buf.commit_shard(0, 5)
+    with pytest.raises(ConfigError, match="fingerprint"):
+        preflight(cfg)
+    assert ActivationBuffer.open(cfg.buffer_path()).committed() == {0: 5}
+    np.testing.assert_array_equal(ActivationBuffer.open(cfg.buffer_path()).read_rows("blocks.1.hook_resid_post", 0), rows)
