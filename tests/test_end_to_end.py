@@ -34,8 +34,8 @@ def sweep_config(workdir, model_dir, data_path, **changes):
         "hooks": [{"layer": 1, "site": "resid_post"}],
         "buffer": {"n_tokens": 10_000_000, "shard_rows": 128, "chunk_rows": 32},
         "producers": {"count": 2, "num_cpus": 0.5},
-        "sae": {"architectures": ["standard", "topk"], "expansion_factor": [2], "l1_coefficient": [0.5], "k": [4, 8]},
-        "train": {"total_tokens": 2048, "batch_size": 128, "log_every": 4, "eval_rows": 100, "dead_tokens": 1024},
+        "sae": {"architectures": ["standard", "topk"], "expansion_factor": [2], "l1_coefficient": [0.05], "k": [4, 8]},
+        "train": {"total_tokens": 8192, "batch_size": 128, "lr": 0.003, "log_every": 4, "eval_rows": 100, "dead_tokens": 1024},
         "resources": {"cpus_per_trial": 0.5},
     }
     for key, value in changes.items():
@@ -122,7 +122,7 @@ def test_bad_inputs_fail_before_training_and_keep_data(tmp_path, tiny_model_fact
     buf = ActivationBuffer.create_or_open(cfg.buffer_path(), {**plan.fingerprint, "context_size": 999}, plan.hooks, 128, 32)
     buf.ensure_capacity(1)
     rows = np.ones((5, 32), np.float32)
-    buf.write_shard(0, {"blocks.1.hook_resid_post": rows}, np.arange(5), np.zeros(5), np.arange(5))
+    buf.write_shard(0, {"blocks.1.hook_resid_post": rows}, np.arange(5), np.zeros(5, np.int64), np.arange(5))
     buf.commit_shard(0, 5)
     with pytest.raises(ConfigError, match="fingerprint"):
         preflight(cfg)
