@@ -136,6 +136,28 @@ class RunConfig(Section):
     def artifact_location(self) -> str:
         return self.tracking.artifact_location or (self.workdir_path() / "mlartifacts").as_uri()
 
+    def with_absolute_paths(self) -> "RunConfig":
+        """Relative paths made absolute against the current directory.
+
+        Done in the driver before the config travels to actors and trials: Tune runs each
+        trial in its own working directory, where a relative path means something else.
+        """
+
+        def absolute(p: str | None) -> str | None:
+            if p is None or "://" in p or ":" in p.split("/")[0] or Path(p).is_absolute():
+                return p
+            return str(Path(p).expanduser().resolve()) if Path(p).expanduser().exists() or p.startswith((".", "~")) else p
+
+        buffer_path = self.buffer.path
+        if buffer_path and "://" not in buffer_path:  # the buffer may not exist yet
+            buffer_path = str(Path(buffer_path).expanduser().resolve())
+        return self.model_copy(update={
+            "workdir": str(self.workdir_path()),
+            "model": self.model.model_copy(update={"name": absolute(self.model.name)}),
+            "data": self.data.model_copy(update={"path": absolute(self.data.path)}),
+            "buffer": self.buffer.model_copy(update={"path": buffer_path}),
+        })
+
 
 # ---------------------------------------------------------------------------------------
 # Rules between fields (pydantic checks types and ranges; these check meaning)

@@ -69,6 +69,7 @@ def start_production(cfg: RunConfig, plan: Plan) -> list:
 
 def run_sweep(cfg: RunConfig, address: str | None = None, plan: Plan | None = None) -> SweepResult:
     start = time.perf_counter()
+    cfg = cfg.with_absolute_paths()
     plan = plan or preflight(cfg)  # raises before Ray starts
     workdir = cfg.workdir_path()
     workdir.mkdir(parents=True, exist_ok=True)
