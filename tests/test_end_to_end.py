@@ -43,7 +43,7 @@ def sweep_config(workdir, model_dir, data_path, **changes):
     return validate_config(raw)
 
 
-def test_sweep_end_to_end(tmp_path, tiny_model_factory, sample_texts, local_ray):
+def test_sweep_end_to_end(tmp_path, tiny_model_factory, sample_texts, local_ray, capsys):
     model_dir = tiny_model_factory("gpt2")
     data = write_jsonl(tmp_path / "docs.jsonl", sample_texts * 3)
     cfg = sweep_config(tmp_path / "work", model_dir, data)
@@ -90,6 +90,19 @@ def test_sweep_end_to_end(tmp_path, tiny_model_factory, sample_texts, local_ray)
     assert client.get_model_version_by_alias(name, "best-fvu").version in {v.version for v in versions}
     artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
     assert {"summary.txt", "summary.json"} <= artifacts
+
+    # The lookups a researcher uses.
+    from sae_ray.cli import main
+
+    capsys.readouterr()
+    assert main(["registry", "list", "--tracking-uri", cfg.tracking_uri()]) == 0
+    listing = capsys.readouterr().out
+    assert name in listing and "@best-fvu" in listing and listing.count("architecture=") == 3
+    assert main(["registry", "show", f"{name}@best-fvu", "--tracking-uri", cfg.tracking_uri()]) == 0
+    shown = capsys.readouterr().out
+    assert "fvu:" in shown and f"models:/{name}/" in shown
+    local = sae_ray.load_sae(tracking.download_sae(client, f"{name}/1"))
+    assert local.cfg.hook_name == "blocks.1.hook_resid_post" and local.cfg.d_sae == 64
 
     # A second run with the same fingerprint reuses the complete buffer (nothing regenerated).
     before = buffer.committed()

@@ -37,6 +37,22 @@ class SweepResult:
     seconds: float = 0.0
 
 
+class ProgressPrinter(tune.Callback):
+    """One console line per reported step of each trial, instead of Tune's wide tables."""
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if "fvu" in result:
+            print(f"[{trial_name(trial.config['trial'])}] tokens {int(result['tokens']):>9,}  "
+                  f"fvu {result['fvu']:.3f}  l0 {result['l0']:7.1f}  dead {result['dead_fraction']:.3f}  "
+                  f"{result['tokens_per_s']:,.0f} tok/s", flush=True)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        m = trial.last_result or {}
+        if "final_fvu" in m:
+            print(f"[{trial_name(trial.config['trial'])}] done: fvu {m['final_fvu']:.4f}  l0 {m['final_l0']:.1f}  "
+                  f"registered version {m.get('registered_version') or '-'}", flush=True)
+
+
 def connect_ray(address: str | None = None) -> None:
     """Join the cluster in `address` or RAY_ADDRESS (a `ray job submit` entrypoint has it); else start a local Ray."""
     if ray.is_initialized():
@@ -99,7 +115,8 @@ def run_sweep(cfg: RunConfig, address: str | None = None, plan: Plan | None = No
             tune_config=tune.TuneConfig(max_concurrent_trials=r.max_concurrent_trials,
                                         trial_name_creator=lambda t: trial_name(t.config["trial"]),
                                         trial_dirname_creator=lambda t: f"{t.trial_id}"),
-            run_config=tune.RunConfig(name=f"{cfg.name}-{parent_run_id[:8]}", storage_path=str(workdir / "tune"), verbose=1),
+            run_config=tune.RunConfig(name=f"{cfg.name}-{parent_run_id[:8]}", storage_path=str(workdir / "tune"),
+                                      verbose=0, callbacks=[ProgressPrinter()]),
         )
         results = tuner.fit()
         producer_stats = ray.get(producing)
