@@ -21,7 +21,7 @@ from sae_ray.config import RunConfig
 from sae_ray.train.loop import pick_device
 
 
-@ray.remote(max_restarts=2)
+@ray.remote
 class ActivationProducer:
     def __init__(self, cfg: dict, rank: int, world: int, coordinator):
         self.cfg = RunConfig.model_validate(cfg)

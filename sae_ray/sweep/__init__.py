@@ -99,6 +99,7 @@ def run_sweep(cfg: RunConfig, address: str | None = None, plan: Plan | None = No
 
     try:
         connect_ray(address)
+        client.set_tag(parent_run_id, "sae_ray.ray_address", ray.get_runtime_context().gcs_address)
         producing = start_production(cfg, plan)
         r = cfg.resources
         trainable = tune.with_resources(train_trial, {"cpu": r.cpus_per_trial, "gpu": r.gpus_per_trial})
