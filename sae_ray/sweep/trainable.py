@@ -61,6 +61,9 @@ def train_trial(config: dict[str, Any]) -> None:
     if cfg.train.wait_for_buffer:
         _wait_complete(buffer)
     reader = BufferReader(buffer, hook, cfg.train.batch_size, seed=cfg.train.seed)
+    # Whether this trial streamed (started before production finished) is worth seeing later.
+    client.set_tag(run_id, "sae_ray.buffer_rows_at_start", str(buffer.n_rows()))
+    client.set_tag(run_id, "sae_ray.buffer_complete_at_start", str(buffer.is_complete()))
 
     def on_log(step: int, metrics: dict[str, float]) -> None:
         tracking.log_metrics(client, run_id, metrics, step)
