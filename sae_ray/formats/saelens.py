@@ -7,11 +7,15 @@ cfg.json is a superset that both SAELens loaders read:
   We write no `sae_lens_version`, so it converts the file through its
   pre-6 path, which handles these keys (k from activation_fn_kwargs for topk).
   Old loaders know no "topk" architecture: they load standard SAEs only.
-What SAELens has no key for (l1_coefficient, extra) lives under "sae_ray".
+The architecture is the one SAELens should run: "standard", "topk", "jumprelu",
+"gated"; BatchTopK and Matryoshka SAEs are saved as "jumprelu" (their inference
+form). What SAELens has no key for (our own architecture name, k of those,
+l1/l0 coefficients, extra) lives under "sae_ray", and wins when we read it back.
 
-Weights: the SAE's state_dict (W_enc [d_in, d_sae], b_enc [d_sae],
-W_dec [d_sae, d_in], b_dec [d_in], plus e.g. `threshold` where an architecture
-has one), stored on CPU. Only safetensors is read, never pickle.
+Weights: `SAE.saved_tensors()`, SAELens names and shapes: W_enc [d_in, d_sae],
+b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in], plus `threshold` [d_sae]
+(jumprelu, batchtopk, matryoshka) or b_gate, r_mag, b_mag [d_sae] in place of
+b_enc (gated); stored on CPU. Only safetensors is read, never pickle.
 """
 
 from __future__ import annotations
@@ -23,18 +27,19 @@ from typing import TYPE_CHECKING, Any
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from sae_ray.sae.base import SAEConfig
+from sae_ray.sae.config import SAEConfig
 
 if TYPE_CHECKING:
     from sae_ray.sae.base import SAE
 
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
-def to_saelens_cfg(cfg: SAEConfig) -> dict[str, Any]:
-    """The cfg.json dict for `cfg`."""
+def to_saelens_cfg(cfg: SAEConfig, saved_as: str | None = None) -> dict[str, Any]:
+    """The cfg.json dict for `cfg`; `saved_as`: the architecture SAELens should see,
+    when not cfg.architecture (e.g. "jumprelu" for a batchtopk SAE)."""
     topk = cfg.architecture == "topk"
     provenance = {
         "model_name": cfg.model_name,
@@ -47,7 +52,7 @@ def to_saelens_cfg(cfg: SAEConfig) -> dict[str, Any]:
         "model_from_pretrained_kwargs": {},
     }
     out: dict[str, Any] = {
-        "architecture": cfg.architecture,
+        "architecture": saved_as or cfg.architecture,
         "d_in": cfg.d_in,
         "d_sae": cfg.d_sae,
         "dtype": cfg.dtype,
@@ -65,7 +70,10 @@ def to_saelens_cfg(cfg: SAEConfig) -> dict[str, Any]:
         "metadata": provenance,
         "sae_ray": {
             "format_version": FORMAT_VERSION,
+            "architecture": cfg.architecture,
+            "k": cfg.k,
             "l1_coefficient": cfg.l1_coefficient,
+            "l0_coefficient": cfg.l0_coefficient,
             "extra": cfg.extra,
         },
     }
@@ -109,6 +117,15 @@ def from_saelens_cfg(raw: dict[str, Any], source: str | Path = CFG_FILENAME) -> 
     if architecture == "standard" and activation_fn == "topk":  # SAELens < 6 TopK
         architecture = "topk"
     k = get("k") or (get("activation_fn_kwargs") or {}).get("k")
+    if architecture != "topk":
+        k = None
+    if ours.get("architecture"):  # ours (format 2): e.g. batchtopk saved as jumprelu
+        architecture, k = ours["architecture"], ours.get("k")
+
+    l1, l0 = ours.get("l1_coefficient"), ours.get("l0_coefficient")
+    if not ours:  # someone else's file, for inference: the coefficient it was trained with, or 0
+        l1 = get("l1_coefficient", 0.0) if architecture in ("standard", "gated") else None
+        l0 = get("l0_coefficient", 0.0) if architecture == "jumprelu" else None
 
     extra = dict(ours.get("extra") or {})
     if not ours and get("prepend_bos") is False:
@@ -118,8 +135,9 @@ def from_saelens_cfg(raw: dict[str, Any], source: str | Path = CFG_FILENAME) -> 
             architecture=architecture,
             d_in=raw["d_in"],
             d_sae=raw["d_sae"],
-            k=int(k) if k is not None and architecture == "topk" else None,
-            l1_coefficient=ours.get("l1_coefficient"),
+            k=int(k) if k is not None else None,
+            l1_coefficient=l1,
+            l0_coefficient=l0,
             model_name=get("model_name", ""),
             hook_name=get("hook_name", "", "hook_point"),
             hook_layer=get("hook_layer", -1, "hook_point_layer"),
@@ -136,9 +154,10 @@ def save_saelens(sae: SAE, path: str | Path) -> Path:
     """Write `path/sae_weights.safetensors` then `path/cfg.json`; returns `path`."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = {name: t.detach().cpu().contiguous() for name, t in sae.state_dict().items()}
+    tensors = {name: t.detach().cpu().contiguous() for name, t in sae.saved_tensors().items()}
     save_file(tensors, path / WEIGHTS_FILENAME)
-    (path / CFG_FILENAME).write_text(json.dumps(to_saelens_cfg(sae.cfg), indent=2) + "\n")
+    cfg = to_saelens_cfg(sae.cfg, saved_as=sae.saved_architecture)
+    (path / CFG_FILENAME).write_text(json.dumps(cfg, indent=2) + "\n")
     return path
 
 

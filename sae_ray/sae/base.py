@@ -1,110 +1,26 @@
-"""The SAE base class, its config and output, and the architecture registry.
+"""The SAE base class and the architecture registry (configs and outputs: `config.py`).
 
 An architecture is one file in this package: a subclass of `SAE` with a class
 attribute `architecture = "name"`, decorated with `@register`. The package
 imports every module in it, so the new file is all it takes.
+
+Every architecture can also be a stack: K SAEs of the same architecture and shape,
+each with its own sparsity, held in tensors with a leading K and trained on the
+same batch with batched matmuls (`SAE([cfg_1, ..., cfg_K])` or `SAE.stack(saes)`).
 """
 
 from __future__ import annotations
 
-import numbers
-from dataclasses import dataclass, field
+import copy
 from pathlib import Path
-from typing import ClassVar, NamedTuple
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-DTYPES = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-}
+from sae_ray.sae.config import DTYPES, SPARSITY_PARAMS, SAEConfig, SAEOutput, parse_dtype
 
-
-def parse_dtype(name: str) -> torch.dtype:
-    """"float32" (or SAELens's "torch.float32") -> torch.float32."""
-    key = name.removeprefix("torch.")
-    if key not in DTYPES:
-        raise ValueError(f"dtype: {name!r} is not supported; use one of {sorted(DTYPES)}")
-    return DTYPES[key]
-
-
-@dataclass
-class SAEConfig:
-    """Shape, sparsity and provenance of one SAE. Names follow SAELens where it has one."""
-
-    architecture: str
-    """Registered architecture: "standard" (ReLU + L1) or "topk" (see `ARCHITECTURES`)."""
-
-    d_in: int
-    """Width of the activations the SAE reads (d_model at `hook_name`)."""
-
-    d_sae: int
-    """Number of latents (dictionary size)."""
-
-    k: int | None = None
-    """TopK only: latents kept per row."""
-
-    l1_coefficient: float | None = None
-    """Standard only: weight of the decoder-norm-weighted L1 penalty."""
-
-    model_name: str = ""
-    """Model the activations came from (e.g. a Hugging Face id)."""
-
-    hook_name: str = ""
-    """Hook point, TransformerLens style, e.g. "blocks.3.hook_resid_post"."""
-
-    hook_layer: int = -1
-    """Layer of `hook_name`; -1 when unknown."""
-
-    context_size: int = 0
-    """Tokens per sequence when the activations were taken."""
-
-    dataset_path: str = ""
-    """Dataset the activations came from."""
-
-    dtype: str = "float32"
-    """Parameter dtype: "float32", "bfloat16", "float16" or "float64"."""
-
-    extra: dict = field(default_factory=dict)
-    """Anything else kept in cfg.json: architecture knobs (e.g. "dead_tokens_threshold",
-    "k_aux", "auxk_coefficient", "decoder_init_norm", "prepend_bos") and training figures."""
-
-    def __post_init__(self) -> None:
-        # plain Python numbers, so that cfg.json can be written (sweeps may hand in numpy ints)
-        for name in ("d_in", "d_sae", "k", "hook_layer", "context_size"):
-            value = getattr(self, name)
-            if value is not None:
-                if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-                    raise ValueError(f"SAEConfig.{name}: {value!r} is not an integer")
-                setattr(self, name, int(value))
-        for name in ("d_in", "d_sae"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"SAEConfig.{name}: {getattr(self, name)} is not positive")
-        if self.l1_coefficient is not None:
-            self.l1_coefficient = float(self.l1_coefficient)
-        parse_dtype(self.dtype)
-
-
-class SAEOutput(NamedTuple):
-    """What `SAE.forward` returns."""
-
-    x_hat: Tensor
-    """[B, d_in] reconstruction."""
-
-    feature_acts: Tensor
-    """[B, d_sae] latent activations (non-negative, sparse)."""
-
-    loss: Tensor
-    """Scalar training loss: mse + sum(aux.values())."""
-
-    mse: Tensor
-    """Scalar: mean over the batch of the summed squared error over d_in."""
-
-    aux: dict[str, Tensor]
-    """Named scalar loss terms, already weighted, e.g. {"l1": ...} or {"auxk": ...}."""
+__all__ = ["ARCHITECTURES", "DTYPES", "SAE", "SAEConfig", "SAEOutput", "create_sae", "parse_dtype", "register"]
 
 
 class SAE(nn.Module):
@@ -120,98 +36,174 @@ class SAE(nn.Module):
     W_dec [d_sae, d_in], b_dec [d_in]. Init: W_dec rows random directions of norm
     `decoder_init_norm`, W_enc = W_dec^T, biases zero.
 
-    A subclass sets `architecture`, implements `activation`, and overrides
-    `aux_losses` if it has extra loss terms. `unit_norm_decoder = True` makes
-    `pre_step` / `post_step` keep decoder rows on the unit sphere.
+    Stack: `SAE([cfg_1, ..., cfg_K])` holds K SAEs of one architecture and shape
+    (`n_stack = K`). Every parameter and buffer gets a leading K (W_enc [K, d_in, d_sae],
+    b_enc [K, d_sae], W_dec [K, d_sae, d_in], b_dec [K, d_in], tokens_since_fired
+    [K, d_sae], ...); x [B, d_in] is shared and every output gains a leading K. Members
+    have their own hyperparameters (as [K] tensors) and never interact: the gradient of
+    `loss.sum()` gives each the gradient it would get alone. A single SAE
+    (`SAE(cfg)`, `n_stack = None`) keeps SAELens's shapes and scalar losses.
+
+    A subclass sets `architecture` and `sparsity_param`, implements `activation`,
+    and overrides `aux_losses` if it has extra loss terms and `check_config` to
+    validate its config. `unit_norm_decoder = True` makes `pre_step` / `post_step`
+    keep decoder rows on the unit sphere. `sparsity_scale` (default 1) multiplies
+    the sparsity penalty (not AuxK, not reconstruction): the training loop sets it
+    to warm the penalty up.
 
     In training mode, `forward` counts for each latent the tokens since it last
-    fired (`tokens_since_fired [d_sae]`, a non-persistent buffer: not in the saved
-    weights). A latent is dead once it has not fired for
-    `cfg.extra["dead_tokens_threshold"]` (default 10M) tokens.
+    fired (`tokens_since_fired`, a non-persistent buffer: not in the saved weights).
+    A latent is dead once it has not fired for `cfg.extra["dead_tokens_threshold"]`
+    (default 10M) tokens.
     """
 
     architecture: ClassVar[str]
     sparsity_param: ClassVar[str]
-    """The config field a sweep varies to set sparsity: "l1_coefficient" or "k"."""
+    """The config field a sweep varies to set sparsity: "l1_coefficient", "l0_coefficient" or "k"."""
     unit_norm_decoder: ClassVar[bool] = False
     decoder_init_norm: ClassVar[float] = 1.0
     default_dead_tokens_threshold: ClassVar[int] = 10_000_000
+    adam_betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
+    """Adam betas the training loop uses for this architecture unless told otherwise."""
+    saved_architecture: ClassVar[str | None] = None
+    """The architecture cfg.json names for SAELens when it is not `architecture`
+    (BatchTopK is saved as "jumprelu"); our own name is kept in cfg.json's "sae_ray"."""
 
-    def __init__(self, cfg: SAEConfig):
+    def __init__(self, cfg: SAEConfig | list[SAEConfig]):
         super().__init__()
-        self.cfg = cfg
-        dtype = parse_dtype(cfg.dtype)
-        norm = float(cfg.extra.get("decoder_init_norm", self.decoder_init_norm))
-        W_dec = torch.randn(cfg.d_sae, cfg.d_in)
-        W_dec *= norm / W_dec.norm(dim=1, keepdim=True)
-        self.W_enc = nn.Parameter(W_dec.T.contiguous().to(dtype))
-        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dtype))
+        self.cfgs = _check_stack(cfg, type(self))
+        """One config per member (one for a single SAE)."""
+        self.cfg = self.cfgs[0]
+        """The config of a single SAE; a stack's first member."""
+        self.n_stack: int | None = len(self.cfgs) if isinstance(cfg, (list, tuple)) else None
+        """K for a stack; None for a single SAE."""
+        self.sparsity_scale = 1.0
+        """Multiplies the sparsity penalty; set by the training loop for warmup."""
+
+        d_in, d_sae, dtype = self.cfg.d_in, self.cfg.d_sae, parse_dtype(self.cfg.dtype)
+        norm = torch.tensor(self.each_extra("decoder_init_norm", self.decoder_init_norm), dtype=torch.float32)
+        W_dec = torch.randn(len(self.cfgs), d_sae, d_in)
+        W_dec *= norm.view(-1, 1, 1) / W_dec.norm(dim=-1, keepdim=True)
+        if self.n_stack is None:
+            W_dec = W_dec[0]
+        self.W_enc = nn.Parameter(W_dec.transpose(-1, -2).contiguous().to(dtype))
+        self.b_enc = nn.Parameter(torch.zeros(self.shape(d_sae), dtype=dtype))
         self.W_dec = nn.Parameter(W_dec.to(dtype))
-        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, dtype=dtype))
+        self.b_dec = nn.Parameter(torch.zeros(self.shape(d_in), dtype=dtype))
         self.tokens_since_fired: Tensor
-        self.register_buffer(
-            "tokens_since_fired", torch.zeros(cfg.d_sae, dtype=torch.long), persistent=False
-        )
+        self.register_buffer("tokens_since_fired", torch.zeros(self.shape(d_sae), dtype=torch.long), persistent=False)
+        self.hyper("dead_tokens_threshold", [int(v) for v in self.each_extra(
+            "dead_tokens_threshold", self.default_dead_tokens_threshold)], torch.long)
+
+    @classmethod
+    def check_config(cls, cfg: SAEConfig) -> None:
+        """Raise ValueError, naming the field, if `cfg` does not suit this architecture."""
+
+    # -- per-member settings ------------------------------------------------
+
+    def shape(self, *dims: int) -> tuple[int, ...]:
+        """`dims` with the stack's K in front (as is for a single SAE)."""
+        return dims if self.n_stack is None else (self.n_stack, *dims)
+
+    def each_extra(self, key: str, default: Any) -> list[Any]:
+        """cfg.extra[key] (or `default`) of every member."""
+        return [c.extra.get(key, default) for c in self.cfgs]
+
+    def same_extra(self, key: str, default: Any) -> Any:
+        """cfg.extra[key] (or `default`), which must be the same for every member of a stack."""
+        values = self.each_extra(key, default)
+        for i, v in enumerate(values[1:], 1):
+            if v != values[0]:
+                raise ValueError(
+                    f"SAEConfig.extra[{key!r}]: stack member {i} has {v!r}, member 0 has {values[0]!r}; "
+                    "it sets the shape of the computation, so a stack needs one value"
+                )
+        return values[0]
+
+    def hyper(self, name: str, values: list, dtype: torch.dtype | None = None) -> None:
+        """Set `self.<name>` to one hyperparameter per member: the plain value for a single
+        SAE, a [K] tensor (non-persistent buffer, so it follows .to(device)) for a stack."""
+        if self.n_stack is None:
+            setattr(self, name, values[0])
+        else:
+            dtype = dtype or torch.promote_types(self.W_dec.dtype, torch.float32)
+            self.register_buffer(name, torch.tensor(values, dtype=dtype), persistent=False)
+
+    def per_row(self, value: float | Tensor) -> float | Tensor:
+        """A per-member value shaped to broadcast against [B, n] ([K, B, n] for a stack)."""
+        return value if self.n_stack is None else value.view(-1, 1, 1)
 
     # -- the math ---------------------------------------------------------
 
+    def affine(self, x: Tensor, W: Tensor, b: Tensor) -> Tensor:
+        """x @ W + b. Single: x [B, n], W [n, m], b [m] -> [B, m] (one addmm).
+        Stack: x [K, B, n] or shared [B, n], W [K, n, m], b [K, m] -> [K, B, m] (one baddbmm)."""
+        if self.n_stack is None:
+            return torch.addmm(b, x, W) if x.dim() == 2 else x @ W + b
+        if x.dim() == 2:
+            x = x.expand(self.n_stack, *x.shape)
+        return torch.baddbmm(b.unsqueeze(-2), x, W)
+
     def pre_acts(self, x: Tensor) -> Tensor:
-        """[B, d_in] -> [B, d_sae]: (x - b_dec) @ W_enc + b_enc."""
-        return (x.to(self.W_enc.dtype) - self.b_dec) @ self.W_enc + self.b_enc
+        """x [B, d_in] -> [B, d_sae] ([K, B, d_sae] for a stack): (x - b_dec) @ W_enc + b_enc."""
+        x = x.to(self.W_enc.dtype)
+        b_dec = self.b_dec if self.n_stack is None else self.b_dec.unsqueeze(-2)
+        return self.affine(x - b_dec, self.W_enc, self.b_enc)
 
     def activation(self, pre: Tensor) -> Tensor:
-        """[B, d_sae] pre-activations -> [B, d_sae] latents."""
+        """[B, d_sae] pre-activations -> [B, d_sae] latents (with a leading K for a stack)."""
         raise NotImplementedError
 
     def encode(self, x: Tensor) -> Tensor:
-        """[B, d_in] -> [B, d_sae] latents."""
+        """x [B, d_in] -> latents [B, d_sae] ([K, B, d_sae] for a stack)."""
         return self.activation(self.pre_acts(x))
 
     def decode(self, f: Tensor) -> Tensor:
-        """[B, d_sae] -> [B, d_in]: f @ W_dec + b_dec."""
-        return f @ self.W_dec + self.b_dec
+        """f [B, d_sae] ([K, B, d_sae] for a stack) -> [B, d_in] ([K, B, d_in]): f @ W_dec + b_dec."""
+        return self.affine(f, self.W_dec, self.b_dec)
 
     def aux_losses(self, x: Tensor, pre: Tensor, f: Tensor, x_hat: Tensor) -> dict[str, Tensor]:
-        """Extra weighted scalar loss terms. x, x_hat [B, d_in]; pre, f [B, d_sae]."""
+        """Extra weighted loss terms, scalar ([K] for a stack). x [B, d_in];
+        pre, f [B, d_sae]; x_hat [B, d_in] (pre, f, x_hat with a leading K for a stack)."""
         return {}
 
     def forward(self, x: Tensor) -> SAEOutput:
-        """[B, d_in] -> SAEOutput. In training mode also updates `tokens_since_fired`."""
+        """x [B, d_in] -> SAEOutput. In training mode also calls `observe` (firing counts)."""
         x = x.to(self.W_enc.dtype)
         pre = self.pre_acts(x)
         f = self.activation(pre)
         x_hat = self.decode(f)
-        mse = (x_hat - x).pow(2).sum(-1).mean()
+        mse = (x_hat - x).pow(2).sum(-1).mean(-1)
         aux = self.aux_losses(x, pre, f, x_hat)  # sees the dead mask from before this batch
         loss = mse + sum(aux.values())
         if self.training:
-            self._count_fires(f)
+            self.observe(pre, f)
         return SAEOutput(x_hat, f, loss, mse, aux)
+
+    @torch.no_grad()
+    def observe(self, pre: Tensor, f: Tensor) -> None:
+        """After a training forward pass: pre, f [B, d_sae] ([K, B, d_sae] for a stack).
+        Counts firing; subclasses add their running statistics."""
+        self.tokens_since_fired += f.shape[-2]
+        self.tokens_since_fired.masked_fill_((f != 0).any(dim=-2), 0)
 
     # -- dead latents -----------------------------------------------------
 
-    @torch.no_grad()
-    def _count_fires(self, f: Tensor) -> None:
-        """f [B, d_sae]: add B to every counter, reset the latents that fired."""
-        self.tokens_since_fired += f.shape[0]
-        self.tokens_since_fired[(f != 0).any(dim=0)] = 0
-
-    @property
-    def dead_tokens_threshold(self) -> int:
-        """Tokens without firing after which a latent counts as dead."""
-        return int(self.cfg.extra.get("dead_tokens_threshold", self.default_dead_tokens_threshold))
-
     @property
     def dead_mask(self) -> Tensor:
-        """[d_sae] bool: latents that have not fired in the last `dead_tokens_threshold` tokens."""
-        return self.tokens_since_fired >= self.dead_tokens_threshold
+        """[d_sae] bool ([K, d_sae] for a stack): latents that have not fired in the last
+        `dead_tokens_threshold` tokens (each member its own threshold)."""
+        threshold = self.dead_tokens_threshold
+        if self.n_stack is not None:
+            threshold = threshold.unsqueeze(-1)
+        return self.tokens_since_fired >= threshold
 
     # -- optimizer hooks --------------------------------------------------
 
     @torch.no_grad()
     def pre_step(self) -> None:
         """After backward, before the optimizer step: if the decoder is kept at unit
-        norm, remove from W_dec.grad [d_sae, d_in] its component along each row."""
+        norm, remove from W_dec.grad [(K,) d_sae, d_in] its component along each row."""
         if not self.unit_norm_decoder or self.W_dec.grad is None:
             return
         W, g = self.W_dec, self.W_dec.grad
@@ -224,17 +216,87 @@ class SAE(nn.Module):
         if self.unit_norm_decoder:
             self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
+    @torch.no_grad()
+    def fold_input_scale(self, s: float) -> None:
+        """The SAE was trained on x * s; change it in place to take raw x and return
+        raw-scale x_hat with the same latents: W_enc *= s, b_dec /= s, W_dec /= s.
+        Pre-activations are unchanged, so thresholds and encoder biases are too. Run it
+        after training: decoder rows are no longer unit norm."""
+        s = float(s)
+        if not s > 0:
+            raise ValueError(f"fold_input_scale: s={s!r}; expected a number > 0")
+        self.W_enc *= s
+        self.W_dec /= s
+        self.b_dec /= s
+
+    # -- stacks -----------------------------------------------------------
+
+    @classmethod
+    def stack(cls, saes: list[SAE]) -> SAE:
+        """One stack of K = len(saes) from single SAEs of one architecture and shape:
+        copies of their weights, buffers (tokens_since_fired, ...) and configs. Placed on
+        the first one's device, in its train/eval mode, with its sparsity_scale."""
+        if not saes:
+            raise ValueError("SAE.stack: no SAEs given")
+        first = saes[0]
+        for i, sae in enumerate(saes):
+            if not isinstance(sae, cls) or type(sae) is not type(first):
+                raise ValueError(
+                    f"SAE.stack: SAE {i} is a {type(sae).__name__}, SAE 0 a {type(first).__name__}; "
+                    "a stack holds one architecture"
+                )
+            if sae.n_stack is not None:
+                raise ValueError(f"SAE.stack: SAE {i} is already a stack of {sae.n_stack}; unstack it first")
+        out = type(first)([copy.deepcopy(s.cfg) for s in saes]).to(next(first.parameters()).device)
+        states = [_state_tensors(s) for s in saes]
+        with torch.no_grad():
+            for name in states[0]:
+                getattr(out, name).copy_(torch.stack([state[name] for state in states]))
+        out.train(first.training)
+        out.sparsity_scale = first.sparsity_scale
+        return out
+
+    def unstack(self) -> list[SAE]:
+        """The members of a stack as single SAEs: copies of their weights and buffers,
+        each with its own config, on this stack's device and in its mode."""
+        if self.n_stack is None:
+            raise ValueError("unstack: this is a single SAE, not a stack")
+        device = next(self.parameters()).device
+        saes = []
+        for i, cfg in enumerate(self.cfgs):
+            sae = type(self)(copy.deepcopy(cfg)).to(device)
+            with torch.no_grad():
+                for name, t in _state_tensors(sae).items():
+                    t.copy_(getattr(self, name)[i])
+            sae.train(self.training)
+            sae.sparsity_scale = self.sparsity_scale
+            saes.append(sae)
+        return saes
+
     # -- files ------------------------------------------------------------
 
+    def saved_tensors(self) -> dict[str, Tensor]:
+        """The tensors `save` writes, with SAELens names and shapes. Default: the state_dict."""
+        return dict(self.state_dict())
+
+    def load_saved_tensors(self, tensors: dict[str, Tensor]) -> None:
+        """Inverse of `saved_tensors`. Default: a strict load_state_dict."""
+        self.load_state_dict(tensors)
+
     def save(self, path: str | Path) -> None:
-        """Write `path/cfg.json` and `path/sae_weights.safetensors` (SAELens layout)."""
+        """Write `path/cfg.json` and `path/sae_weights.safetensors` (SAELens layout). Single SAEs only."""
+        if self.n_stack is not None:
+            raise ValueError(
+                f"save: this is a stack of {self.n_stack} SAEs; save each one of sae.unstack() to its own directory"
+            )
         from sae_ray.formats.saelens import save_saelens
 
         save_saelens(self, path)
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> SAE:
-        """Read a SAELens directory; the class comes from cfg.json's architecture."""
+        """Read a SAELens directory; the class comes from cfg.json's architecture
+        (our own name in its "sae_ray" section when it has one)."""
         from sae_ray.formats.saelens import load_saelens
 
         cfg, tensors = load_saelens(path)
@@ -249,10 +311,46 @@ class SAE(nn.Module):
         except ValueError as e:
             raise ValueError(f"{Path(path) / 'cfg.json'}: {e}") from e
         try:
-            sae.load_state_dict(tensors)
-        except RuntimeError as e:
+            sae.load_saved_tensors(tensors)
+        except (RuntimeError, ValueError) as e:
             raise ValueError(f"{Path(path) / 'sae_weights.safetensors'}: {e}") from e
         return sae.to(device)
+
+
+def _check_stack(cfg: SAEConfig | list[SAEConfig], sae_cls: type[SAE]) -> list[SAEConfig]:
+    """The configs as a list, checked: one architecture (sae_cls's) and one shape."""
+    stacked = isinstance(cfg, (list, tuple))
+    cfgs = list(cfg) if stacked else [cfg]
+    if not cfgs:
+        raise ValueError("a stack needs at least one SAEConfig")
+    for i, c in enumerate(cfgs):
+        if not isinstance(c, SAEConfig):
+            raise TypeError(f"stack member {i}: expected an SAEConfig, got {type(c).__name__}")
+    first = cfgs[0]
+    for i, c in enumerate(cfgs[1:], 1):
+        for name in ("architecture", "d_in", "d_sae", "dtype"):
+            if getattr(c, name) != getattr(first, name):
+                raise ValueError(
+                    f"SAEConfig.{name}: stack member {i} has {getattr(c, name)!r}, member 0 has "
+                    f"{getattr(first, name)!r}; the SAEs of a stack share architecture, d_in, d_sae and dtype"
+                )
+    if not hasattr(sae_cls, "architecture"):
+        raise TypeError(f"{sae_cls.__name__} has no architecture; build an SAE with create_sae(cfg)")
+    if first.architecture != sae_cls.architecture:
+        raise ValueError(
+            f"SAEConfig.architecture: {first.architecture!r}, but {sae_cls.__name__} is {sae_cls.architecture!r}"
+        )
+    for i, c in enumerate(cfgs):
+        try:
+            sae_cls.check_config(c)
+        except ValueError as e:
+            raise ValueError(f"stack member {i}: {e}" if stacked else str(e)) from None
+    return cfgs
+
+
+def _state_tensors(sae: SAE) -> dict[str, Tensor]:
+    """Parameters and buffers of a single SAE, by name (what stack/unstack copy)."""
+    return {**dict(sae.named_parameters()), **dict(sae.named_buffers())}
 
 
 # -- registry -------------------------------------------------------------
@@ -266,8 +364,10 @@ def register(cls: type[SAE]) -> type[SAE]:
     name = getattr(cls, "architecture", None)
     if not isinstance(name, str) or not name:
         raise TypeError(f"{cls.__name__} needs a class attribute `architecture = \"name\"`")
-    if getattr(cls, "sparsity_param", None) not in ("l1_coefficient", "k"):
-        raise TypeError(f"{cls.__name__} needs a class attribute `sparsity_param` ('l1_coefficient' or 'k')")
+    if getattr(cls, "sparsity_param", None) not in SPARSITY_PARAMS:
+        raise TypeError(
+            f"{cls.__name__} needs a class attribute `sparsity_param` (one of {', '.join(map(repr, SPARSITY_PARAMS))})"
+        )
     old = ARCHITECTURES.get(name)
     if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
         raise ValueError(
@@ -286,6 +386,9 @@ def _lookup(name: str) -> type[SAE]:
     return ARCHITECTURES[name]
 
 
-def create_sae(cfg: SAEConfig) -> SAE:
-    """A freshly initialised SAE of `cfg.architecture`."""
-    return _lookup(cfg.architecture)(cfg)
+def create_sae(cfg: SAEConfig | list[SAEConfig]) -> SAE:
+    """A freshly initialised SAE of `cfg.architecture` (a stack for a list of configs)."""
+    first = cfg[0] if isinstance(cfg, (list, tuple)) and cfg else cfg
+    if not isinstance(first, SAEConfig):
+        raise TypeError(f"create_sae: expected an SAEConfig or a list of them, got {cfg!r}")
+    return _lookup(first.architecture)(cfg)

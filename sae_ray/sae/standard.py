@@ -13,34 +13,37 @@ class StandardSAE(SAE):
 
         f     = ReLU((x - b_dec) @ W_enc + b_enc)                  [B, d_sae]
         x_hat = f @ W_dec + b_dec                                  [B, d_in]
-        l1    = l1_coefficient * mean_b sum_i f_i * ||W_dec[i]||   scalar
+        l1    = sparsity_scale * λ * mean_b sum_i f_i ||W_dec[i]||  λ = l1_coefficient
         loss  = mean_b ||x_hat - x||^2 + l1
 
     Weighting f_i by ||W_dec[i]|| means shrinking f_i while growing W_dec[i]
     cannot lower the penalty, so the decoder needs no norm constraint
     (`pre_step` / `post_step` do nothing). Init, simplified from that update:
     W_dec rows random directions of norm 0.1 (`cfg.extra["decoder_init_norm"]`),
-    W_enc = W_dec^T, biases zero.
+    W_enc = W_dec^T, biases zero. Adam betas (0.9, 0.999).
     """
 
     architecture = "standard"
     sparsity_param = "l1_coefficient"
     decoder_init_norm = 0.1
 
-    def __init__(self, cfg: SAEConfig):
+    @classmethod
+    def check_config(cls, cfg: SAEConfig) -> None:
         if cfg.l1_coefficient is None or cfg.l1_coefficient < 0:
             raise ValueError(
-                f"SAEConfig.l1_coefficient: {cfg.l1_coefficient!r}; the standard "
+                f"SAEConfig.l1_coefficient: {cfg.l1_coefficient!r}; the {cls.architecture} "
                 "architecture needs a number >= 0"
             )
+
+    def __init__(self, cfg: SAEConfig | list[SAEConfig]):
         super().__init__(cfg)
-        self.l1_coefficient = float(cfg.l1_coefficient)
+        self.hyper("l1_coefficient", [c.l1_coefficient for c in self.cfgs])
 
     def activation(self, pre: Tensor) -> Tensor:
-        """[B, d_sae] -> [B, d_sae]: ReLU."""
+        """[(K,) B, d_sae] -> same: ReLU."""
         return pre.relu()
 
     def aux_losses(self, x: Tensor, pre: Tensor, f: Tensor, x_hat: Tensor) -> dict[str, Tensor]:
-        """{"l1": l1_coefficient * mean_b sum_i f_i ||W_dec[i]||}; f [B, d_sae]."""
-        l1 = (f * self.W_dec.norm(dim=-1)).sum(-1).mean()
-        return {"l1": self.l1_coefficient * l1}
+        """{"l1": sparsity_scale * λ * mean_b sum_i f_i ||W_dec[i]||}; f [(K,) B, d_sae]."""
+        l1 = (f @ self.W_dec.norm(dim=-1).unsqueeze(-1)).squeeze(-1).mean(-1)  # sum_i f_i ||W_dec[i]||
+        return {"l1": self.sparsity_scale * self.l1_coefficient * l1}

@@ -1,0 +1,150 @@
+"""JumpReLU SAE (Rajamanoharan et al. 2024, Gemma Scope): learned thresholds, L0 penalty."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from sae_ray.sae.base import SAE, SAEConfig, register
+
+
+def rectangle(u: Tensor) -> Tensor:
+    """The kernel K(u) = 1[|u| < 1/2], in u's dtype."""
+    return (u.abs() < 0.5).to(u.dtype)
+
+
+class JumpReLUFunction(torch.autograd.Function):
+    """f = z * H(z - θ). Backward: ∂f/∂z = H(z - θ); ∂f/∂θ = -(θ/ε) K((z - θ)/ε).
+    z [..., n]; θ and ε broadcastable to z (θ's gradient is summed back to its shape)."""
+
+    @staticmethod
+    def forward(ctx: Any, z: Tensor, theta: Tensor, eps: float | Tensor) -> Tensor:
+        ctx.save_for_backward(z, theta)
+        ctx.eps = eps
+        return z * (z > theta)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
+        z, theta = ctx.saved_tensors
+        d_theta = -(theta / ctx.eps) * rectangle((z - theta) / ctx.eps) * grad
+        return (z > theta) * grad, d_theta.sum_to_size(theta.shape), None
+
+
+class StepFunction(torch.autograd.Function):
+    """H(z - θ). Backward: no gradient to z; ∂H/∂θ = -(1/ε) K((z - θ)/ε).
+    z [..., n]; θ and ε broadcastable to z (θ's gradient is summed back to its shape)."""
+
+    @staticmethod
+    def forward(ctx: Any, z: Tensor, theta: Tensor, eps: float | Tensor) -> Tensor:
+        ctx.save_for_backward(z, theta)
+        ctx.eps = eps
+        return (z > theta).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor, None]:
+        z, theta = ctx.saved_tensors
+        d_theta = -(1.0 / ctx.eps) * rectangle((z - theta) / ctx.eps) * grad
+        return None, d_theta.sum_to_size(theta.shape), None
+
+
+@register
+class JumpReLUSAE(SAE):
+    """ReLU replaced by a jump at a learned per-latent threshold θ > 0; L0 penalty.
+
+        z     = (x - b_dec) @ W_enc + b_enc                 [B, d_sae]
+        f     = z * H(z - θ)                                [B, d_sae]   θ = exp(log_threshold)
+        x_hat = f @ W_dec + b_dec                           [B, d_in]
+        l0    = mean_b sum_i H(z_i - θ_i)
+        loss  = mean_b ||x_hat - x||^2 + sparsity_scale * λ * l0                 λ = l0_coefficient
+           or   mean_b ||x_hat - x||^2 + sparsity_scale * λ * (l0 / l0_target - 1)^2
+
+    H has no useful derivative, so θ learns through straight-through estimators with
+    the rectangle kernel K(u) = 1[|u| < 1/2] of bandwidth ε:
+        ∂f/∂θ = -(θ/ε) K((z - θ)/ε),   ∂H/∂θ = -(1/ε) K((z - θ)/ε),
+    ∂f/∂z = H(z - θ) and no L0 gradient to z. They are the exact derivatives of the
+    objective with the jump smoothed over a window of width ε around θ.
+
+    Knobs in `cfg.extra`: "bandwidth" ε (default 0.001), "threshold_init" (default
+    0.001), "l0_target" (optional; all members of a stack or none). Both defaults
+    assume inputs scaled to E||x||^2 = d_in, as Gemma Scope. θ stays in float32 (or
+    wider) inside the estimators, but under bf16 autocast z itself is rounded to ~0.4%
+    of |z|, coarser than ε = 0.001 near |z| ~ 1: the kernel then catches few points,
+    so train without autocast or with a wider bandwidth. θ moves by about lr (relative)
+    per Adam step, so short runs need a larger "threshold_init" or lr. Unit-norm decoder rows
+    (gradient along them removed, as the GDM recipe); init: W_dec rows random unit
+    vectors, W_enc = W_dec^T, biases zero. Adam betas (0, 0.999) as Gemma Scope.
+    Saved with SAELens's `threshold` [d_sae] (= exp(log_threshold)).
+    """
+
+    architecture = "jumprelu"
+    sparsity_param = "l0_coefficient"
+    unit_norm_decoder = True
+    adam_betas = (0.0, 0.999)
+
+    @classmethod
+    def check_config(cls, cfg: SAEConfig) -> None:
+        if cfg.l0_coefficient is None or cfg.l0_coefficient < 0:
+            raise ValueError(
+                f"SAEConfig.l0_coefficient: {cfg.l0_coefficient!r}; the jumprelu architecture needs a number >= 0"
+            )
+        for key, default in (("bandwidth", 0.001), ("threshold_init", 0.001), ("l0_target", 1.0)):
+            value = cfg.extra.get(key, default)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise ValueError(f"SAEConfig.extra[{key!r}]: {value!r}; expected a number > 0")
+
+    def __init__(self, cfg: SAEConfig | list[SAEConfig]):
+        super().__init__(cfg)
+        inits = [math.log(v) for v in self.each_extra("threshold_init", 0.001)]
+        log_threshold = torch.tensor(inits, dtype=self.W_dec.dtype).unsqueeze(-1).expand(-1, self.cfg.d_sae)
+        self.log_threshold = nn.Parameter(log_threshold[0].clone() if self.n_stack is None else log_threshold.clone())
+        self.hyper("l0_coefficient", [c.l0_coefficient for c in self.cfgs])
+        self.hyper("bandwidth", [float(v) for v in self.each_extra("bandwidth", 0.001)])
+        targets = self.each_extra("l0_target", None)
+        if len({t is None for t in targets}) > 1:
+            raise ValueError(
+                f"SAEConfig.extra['l0_target']: {targets!r}; give it to every member of a stack or to none"
+            )
+        if targets[0] is None:
+            self.l0_target = None
+        else:
+            self.hyper("l0_target", [float(t) for t in targets])
+
+    @property
+    def threshold(self) -> Tensor:
+        """[d_sae] ([K, d_sae] for a stack): θ = exp(log_threshold)."""
+        return self.log_threshold.exp()
+
+    def _theta_eps(self) -> tuple[Tensor, float | Tensor]:
+        """θ and ε shaped to broadcast against [(K,) B, d_sae]."""
+        if self.n_stack is None:
+            return self.threshold, self.bandwidth
+        return self.threshold.unsqueeze(-2), self.per_row(self.bandwidth)
+
+    def activation(self, pre: Tensor) -> Tensor:
+        """[(K,) B, d_sae] -> same: pre * H(pre - θ)."""
+        theta, eps = self._theta_eps()
+        return JumpReLUFunction.apply(pre, theta, eps)
+
+    def aux_losses(self, x: Tensor, pre: Tensor, f: Tensor, x_hat: Tensor) -> dict[str, Tensor]:
+        """{"l0": the weighted L0 penalty}; pre [(K,) B, d_sae]."""
+        theta, eps = self._theta_eps()
+        l0 = StepFunction.apply(pre, theta, eps).sum(-1).mean(-1)
+        if self.l0_target is not None:
+            l0 = (l0 / self.l0_target - 1).pow(2)
+        return {"l0": self.sparsity_scale * self.l0_coefficient * l0}
+
+    def saved_tensors(self) -> dict[str, Tensor]:
+        """The state_dict with `threshold` = exp(log_threshold) in place of log_threshold."""
+        tensors = dict(self.state_dict())
+        tensors["threshold"] = tensors.pop("log_threshold").exp()
+        return tensors
+
+    def load_saved_tensors(self, tensors: dict[str, Tensor]) -> None:
+        """Inverse of `saved_tensors` (a threshold <= 0 acts as 0: f = ReLU(z))."""
+        tensors = dict(tensors)
+        if "threshold" in tensors:
+            tensors["log_threshold"] = tensors.pop("threshold").clamp_min(0).log()
+        self.load_state_dict(tensors)
