@@ -1,19 +1,23 @@
-"""The training loop: one SAE, batches from any iterator. Knows nothing of Ray or MLflow.
+"""The training loop: one SAE or a stack of K, batches from any iterator. Knows nothing of Ray or MLflow.
 
 Callers pass `on_log(step, metrics)` to forward metrics wherever they go (Tune, MLflow,
-a notebook's print).
+a notebook's print); `metrics` holds one dict per stack member (a list of one for a single SAE).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+from torch import Tensor
 
-from sae_ray.eval.metrics import FiringTracker, fvu
-from sae_ray.sae import SAE
+from sae_ray.config import TrainConfig
+from sae_ray.sae import SAE, SAEOutput
+from sae_ray.train.init import MEDIAN_ROWS, expected_norm_scale, first_rows, init_b_dec
+from sae_ray.train.optim import Adam, clip_grad_norm_, lr_factor, sparsity_factor
 
 
 def pick_device(device: str) -> torch.device:
@@ -31,61 +35,141 @@ class TrainState:
     """Rows the SAE has been trained on."""
     seconds: float = 0.0
     """Wall time spent in the loop (including waiting for batches)."""
-    dead_fraction: float = 0.0
-    """Fraction of latents that had not fired for `dead_tokens` tokens when training ended."""
+    dead_fraction: list[float] = field(default_factory=list)
+    """Per stack member (one entry for a single SAE): fraction of latents that had not fired
+    for `train.dead_tokens` tokens when training ended."""
+    input_scale: float = 1.0
+    """s: the SAE trained on x*s; s is folded into the returned SAE, which takes raw x."""
 
 
 def train_sae(
     sae: SAE,
-    batches: Iterator[torch.Tensor],
-    total_tokens: int,
-    lr: float = 3e-4,
-    adam_betas: tuple[float, float] = (0.9, 0.999),
-    dead_tokens: int = 1_000_000,
-    log_every: int = 20,
-    on_log: Callable[[int, dict[str, float]], None] | None = None,
+    batches: Iterator[Tensor],
+    train: TrainConfig,
+    on_log: Callable[[int, list[dict[str, float]]], None] | None = None,
+    lrs: list[float] | None = None,
 ) -> TrainState:
-    """Train `sae` in place until `total_tokens` rows have been seen.
+    """Train `sae` (one SAE, or a stack of K sharing each batch) in place until
+    `train.total_tokens` rows have been seen; one optimizer step per batch.
 
-    batches: yields float tensors [batch, d_in] (on any device; moved to the SAE's device).
-    Logged metrics: loss, mse, fvu (of the batch), l0, dead_fraction (latents silent for
-    `dead_tokens` tokens), the architecture's aux terms, tokens, tokens_per_s.
+    batches: yields float tensors x [B, d_in], on any device (moved to the SAE's).
+    lrs: a learning rate per stack member (default: train.lr for each).
+
+    Before the first step, the first `train.init_batches` batches give the input scale
+    s = sqrt(d_in / E||x||^2) ("expected_norm"; 1 with "none") and b_dec (`train.b_dec_init`,
+    the same for every member); they are then trained on like the rest. The SAE trains on x*s,
+    and at the end s is folded into its weights (`sae.fold_input_scale`), so the returned SAE
+    takes raw activations. Schedules count steps of a run of ceil(total_tokens / B) steps, B
+    the first batch's rows (see `optim.lr_factor`, `optim.sparsity_factor`).
+
+    Each step: set the lr and `sae.sparsity_scale`; forward (bf16 autocast per `train.autocast`);
+    backward of the summed member losses (members are independent, so each gets its own
+    gradient); `sae.pre_step()`; clip to `train.grad_clip_norm` (per member); Adam step
+    (betas: `train.adam_betas`, else `sae.adam_betas`); `sae.post_step()`. `pre_step` runs before
+    clipping: it removes the gradient component that a decoder-norm constraint would undo, so
+    the clipped norm is the norm of the update that is actually applied (as dictionary_learning
+    and SAELens order them).
+
+    on_log(step, metrics) every `train.log_every` steps and at the end; each member's dict has
+    loss, mse (summed squared error per row, in the units of x*s), fvu (of the batch; scale-free),
+    l0, dead_fraction (latents silent for `train.dead_tokens` tokens, from
+    `sae.tokens_since_fired`), `<name>_loss` for each aux term (units of x*s), lr,
+    sparsity_scale, tokens, tokens_per_s.
     """
     device = next(sae.parameters()).device
-    opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=adam_betas)
-    tracker = FiringTracker(sae.cfg.d_sae, device=device)
+    n_stack = sae.n_stack
+    n = n_stack or 1
+    lrs = [float(train.lr)] * n if lrs is None else [float(v) for v in lrs]
+    if len(lrs) != n:
+        raise ValueError(f"lrs: {len(lrs)} learning rates for {n} SAE(s); give one per stack member")
+    base_lr: float | Tensor = lrs[0] if len(set(lrs)) == 1 else torch.tensor(lrs, device=device)
+    betas = train.adam_betas or sae.adam_betas
+    opt = Adam(sae.parameters(), lr=base_lr, betas=betas)
+    bf16 = train.autocast == "bf16" or (train.autocast == "auto" and device.type == "cuda")
+
     state = TrainState()
     start = time.perf_counter()
-    last_log_tokens, last_log_time = 0, start
-    for x in batches:
+    batches = iter(batches)
+    first = _take(batches, train.init_batches, train.total_tokens)
+    scale = expected_norm_scale(first) if train.normalize_activations == "expected_norm" else 1.0
+    state.input_scale = scale
+    init_b_dec(sae, first_rows(first, MEDIAN_ROWS).to(device).float() * scale, train.b_dec_init)
+    total_steps = math.ceil(train.total_tokens / first[0].shape[0])
+
+    sae.train()
+    last_tokens, last_time = 0, start
+    for x in _replay(first, batches):
         x = x.to(device, non_blocking=True).float()
-        out = sae(x)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
+        if scale != 1.0:
+            x = x * scale
+        lr_now = lr_factor(state.step, total_steps, train)
+        opt.lr = base_lr * lr_now
+        sae.sparsity_scale = sparsity_factor(state.step, total_steps, train)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = sae(x)
+        opt.zero_grad()
+        out.loss.sum().backward()
         sae.pre_step()
+        if train.grad_clip_norm > 0:
+            clip_grad_norm_(opt.params, train.grad_clip_norm, n_stack)
         opt.step()
         sae.post_step()
-        tracker.update(out.feature_acts.detach())
         state.step += 1
         state.tokens_seen += x.shape[0]
-        done = state.tokens_seen >= total_tokens
-        if on_log is not None and (state.step % log_every == 0 or done):
+        done = state.tokens_seen >= train.total_tokens
+        if on_log is not None and (state.step % train.log_every == 0 or done):
             now = time.perf_counter()
-            with torch.no_grad():
-                metrics = {
-                    "loss": out.loss.item(),
-                    "mse": out.mse.item(),
-                    "fvu": fvu(x, out.x_hat).item(),
-                    "l0": (out.feature_acts > 0).float().sum(-1).mean().item(),
-                    "dead_fraction": tracker.dead_fraction(dead_tokens),
-                    "tokens": float(state.tokens_seen),
-                    "tokens_per_s": (state.tokens_seen - last_log_tokens) / max(now - last_log_time, 1e-9),
-                }
-                metrics.update({k: v.item() for k, v in out.aux.items()})
-            last_log_tokens, last_log_time = state.tokens_seen, now
-            on_log(state.step, metrics)
+            per_s = (state.tokens_seen - last_tokens) / max(now - last_time, 1e-9)
+            extra = {"sparsity_scale": sae.sparsity_scale, "tokens": float(state.tokens_seen), "tokens_per_s": per_s}
+            on_log(state.step, _metrics(sae, out, x, train.dead_tokens, [lr * lr_now for lr in lrs], extra))
+            last_tokens, last_time = state.tokens_seen, now
         if done:
             break
+
+    sae.sparsity_scale = 1.0
+    if scale != 1.0:
+        sae.fold_input_scale(scale)
     state.seconds = time.perf_counter() - start
-    state.dead_fraction = tracker.dead_fraction(dead_tokens)
+    state.dead_fraction = _dead_fraction(sae, train.dead_tokens).reshape(-1).tolist()
     return state
+
+
+def _take(batches: Iterator[Tensor], n: int, max_rows: int) -> list[Tensor]:
+    """Up to n batches, fewer if they already hold max_rows rows."""
+    out, rows = [], 0
+    for x in batches:
+        out.append(x)
+        rows += x.shape[0]
+        if len(out) >= n or rows >= max_rows:
+            break
+    if not out:
+        raise ValueError("train_sae: `batches` yielded no batch")
+    return out
+
+
+def _replay(first: list[Tensor], rest: Iterator[Tensor]) -> Iterator[Tensor]:
+    """The batches already read, then the rest; each read batch is let go once yielded."""
+    first.reverse()
+    while first:
+        yield first.pop()
+    yield from rest
+
+
+def _dead_fraction(sae: SAE, dead_tokens: int) -> Tensor:
+    """[K] (or scalar for one SAE): share of latents silent for `dead_tokens` tokens."""
+    return (sae.tokens_since_fired >= dead_tokens).float().mean(-1)
+
+
+@torch.no_grad()
+def _metrics(sae: SAE, out: SAEOutput, x: Tensor, dead_tokens: int, lrs: list[float],
+             extra: dict[str, float]) -> list[dict[str, float]]:
+    """One dict per member. x [B, d_in] (scaled); out.x_hat [B, d_in] or [K, B, d_in]."""
+    sse = (out.x_hat.float() - x).pow(2).sum((-2, -1))
+    fvu = sse / (x - x.mean(0)).pow(2).sum()
+    l0 = (out.feature_acts != 0).float().sum(-1).mean(-1)
+    named = {"loss": out.loss, "mse": out.mse, "fvu": fvu, "l0": l0, "dead_fraction": _dead_fraction(sae, dead_tokens)}
+    named.update({f"{k}_loss": v for k, v in out.aux.items()})
+    n = len(lrs)
+    rows = torch.stack([torch.as_tensor(v, device=x.device).float().reshape(n) for v in named.values()]).T.tolist()
+    return [{**dict(zip(named, row)), "lr": lr, **extra} for row, lr in zip(rows, lrs)]
+
