@@ -11,7 +11,7 @@ DEFAULT_TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 
 
 def load_sae(uri: str, tracking_uri: str | None = None, device: str = "cpu"):
-    """Load an SAE module from `models:/NAME/VERSION`, `models:/NAME@ALIAS`, or a local SAELens directory.
+    """Load an SAE module (in eval mode) from `models:/NAME/VERSION`, `models:/NAME@ALIAS`, or a local SAELens directory.
 
     tracking_uri: the MLflow store holding the registry; default $MLFLOW_TRACKING_URI, else
     the embedded default of the default workdir (sqlite:///runs/default/mlflow.db).
@@ -21,12 +21,12 @@ def load_sae(uri: str, tracking_uri: str | None = None, device: str = "cpu"):
     if not uri.startswith("models:/"):
         if not Path(uri).is_dir():
             raise FileNotFoundError(f"load_sae: {uri!r} is neither a models:/ URI nor an existing directory")
-        return load_sae_dir(uri, device=device)
+        return load_sae_dir(uri, device=device).eval()
     from sae_ray import tracking
 
     tracking_uri = tracking_uri or os.environ.get(DEFAULT_TRACKING_URI_ENV) or default_tracking_uri()
     path = tracking.download_sae(tracking.client_for(tracking_uri), uri)
-    return load_sae_dir(path, device=device)
+    return load_sae_dir(path, device=device).eval()  # eval: BatchTopK-style SAEs use their inference threshold
 
 
 def default_tracking_uri() -> str:

@@ -80,15 +80,29 @@ class SweepConfig(Section):
     architectures: list[str] = Field(["topk"], min_length=1, description="SAE architectures to train (see sae_ray.sae.ARCHITECTURES).")
     expansion_factor: list[int] | None = Field(None, description="d_sae = expansion_factor * d_in. Give this or d_sae.")
     d_sae: list[int] | None = Field(None, description="Dictionary sizes. Give this or expansion_factor.")
-    l1_coefficient: list[float] | None = Field(None, description="Sparsity coefficients for architectures with an L1/L0 penalty.")
-    k: list[int] | None = Field(None, description="Active latents per token for TopK-style architectures.")
+    l1_coefficient: list[float] | None = Field(None, description="L1 sparsity coefficients (standard, gated).")
+    l0_coefficient: list[float] | None = Field(None, description="L0 sparsity coefficients (jumprelu).")
+    k: list[int] | None = Field(None, description="Active latents per token (topk, batchtopk, matryoshka).")
+    max_stack: int = Field(8, gt=0, description="Most SAEs of one architecture and shape trained together in one trial (a stack; 1 = one SAE per trial).")
 
 
 class TrainConfig(Section):
+    """How each SAE (or stack of SAEs) is trained; defaults follow the published recipes named per field."""
+
     total_tokens: int = Field(1_000_000, gt=0, description="Training tokens per SAE (rows are reused over epochs if the buffer is smaller).")
-    batch_size: int = Field(4096, gt=0, description="Rows per optimizer step.")
-    lr: float = Field(3e-4, gt=0, description="Adam learning rate.")
-    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas.")
+    batch_size: int = Field(4096, gt=0, description="Rows per optimizer step (4096: SAELens, Anthropic April 2024 update).")
+    lr: float = Field(3e-4, gt=0, description="Adam learning rate (SAELens default).")
+    lr_warmup_steps: int = Field(1000, ge=0, description="Linear lr warmup over this many steps, capped at 10% of the run (1000: sparsify, dictionary_learning, Gemma Scope).")
+    lr_decay: Literal["none", "linear", "cosine"] = Field("linear", description="'linear': down to lr_end_factor*lr over the last lr_decay_fraction of steps (Anthropic April 2024 update); 'cosine': over the whole run after warmup.")
+    lr_decay_fraction: float = Field(0.2, gt=0, le=1, description="Share of the run, at its end, over which 'linear' decay runs (Anthropic April 2024 update, dictionary_learning: 0.2).")
+    lr_end_factor: float = Field(0.0, ge=0, le=1, description="lr at the end of decay, as a multiple of lr (Anthropic April 2024 update: 0).")
+    sparsity_warmup_fraction: float = Field(0.05, ge=0, lt=1, description="Share of the run over which the sparsity penalty ramps linearly from 0 to full (Anthropic April 2024 update: 0.05).")
+    adam_betas: tuple[float, float] | None = Field(None, description="Adam betas; None: the architecture's own (0.9, 0.999) for most, as SAELens; (0, 0.999) for JumpReLU, as Gemma Scope.")
+    grad_clip_norm: float = Field(1.0, ge=0, description="Clip the gradient norm (per stack member) to this; 0 turns clipping off (Anthropic April 2024 update, SAELens: 1.0).")
+    b_dec_init: Literal["geometric_median", "mean", "zeros"] = Field("geometric_median", description="Initial b_dec from the first rows of data (geometric median: SAELens, Bricken et al. 2023, Gao et al. 2024).")
+    normalize_activations: Literal["expected_norm", "none"] = Field("expected_norm", description="'expected_norm': train on x*s, s = sqrt(d_in / E||x||^2), folded into the saved weights (as SAELens's E||x|| = sqrt(d_in)).")
+    init_batches: int = Field(10, gt=0, description="Batches read before training to estimate s and b_dec; they are then trained on like the rest.")
+    autocast: Literal["auto", "bf16", "off"] = Field("auto", description="bfloat16 autocast of the forward pass; 'auto': on for CUDA, off for CPU.")
     seed: int = Field(0, description="Seed for SAE init and the reader's shard order.")
     log_every: int = Field(20, gt=0, description="Steps between metric reports.")
     eval_rows: int = Field(8192, gt=0, description="Rows used for the final FVU/L0 evaluation: the first rows of the lowest committed shard.")
@@ -190,14 +204,15 @@ def _rule_problems(cfg: dict[str, Any], sections: dict[str, BaseModel]) -> list[
                 continue
             param = _sparsity_param(arch)
             values = getattr(sweep, param)
+            is_coefficient = param != "k"
             if not values:
                 problems.append(
                     f"sae.{param}: value {values!r}: architecture {arch!r} needs a non-empty list of {param} values"
-                    + (" (> 0; without a sparsity penalty it learns dense, useless features)" if param == "l1_coefficient" else "")
+                    + (" (> 0; without a sparsity penalty it learns dense, useless features)" if is_coefficient else "")
                 )
-            elif param == "l1_coefficient" and any(v <= 0 for v in values):
+            elif is_coefficient and any(v <= 0 for v in values):
                 problems.append(
-                    f"sae.l1_coefficient: value {values!r}: architecture {arch!r} needs every coefficient > 0 "
+                    f"sae.{param}: value {values!r}: architecture {arch!r} needs every coefficient > 0 "
                     "(0 trains with no sparsity penalty and gives dense, useless features)"
                 )
             elif param == "k" and sweep.d_sae:
@@ -224,6 +239,14 @@ def check_k_against_width(cfg: RunConfig, d_in: int) -> list[str]:
                 f"sae.k: value {trial['k']}: must be < d_sae ({trial['d_sae']} = expansion_factor x d_in {d_in}) for {trial['architecture']}"
             )
     return sorted(set(problems))
+
+
+def pack_stacks(trials: list[dict[str, Any]], max_stack: int) -> list[list[dict[str, Any]]]:
+    """Group trials that share architecture, width and hook into stacks of at most max_stack, keeping grid order."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for t in trials:
+        groups.setdefault((t["architecture"], t["d_sae"], t.get("hook")), []).append(t)
+    return [g[i : i + max_stack] for g in groups.values() for i in range(0, len(g), max_stack)]
 
 
 def expand_sweep(sweep: SweepConfig, d_in: int) -> list[dict[str, Any]]:

@@ -79,3 +79,14 @@ SAMPLE_TEXTS = [
     "The children built a sandcastle with towers, a moat and a little flag.",
     "Ok.",
 ]
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny matmuls with several OpenMP threads crawl when other processes share the 2 cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

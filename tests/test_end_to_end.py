@@ -15,6 +15,7 @@ from sae_ray.buffer import ActivationBuffer
 from sae_ray.config import ConfigError, validate_config
 from sae_ray.eval.metrics import evaluate_sae
 from sae_ray.preflight import preflight
+from sae_ray.sae import ARCHITECTURES
 from sae_ray.sweep import run_sweep
 from tiny_models import write_jsonl
 
@@ -26,6 +27,10 @@ def local_ray():
     ray.shutdown()
 
 
+ALL_ARCHITECTURES = ["standard", "topk", "batchtopk", "jumprelu", "gated", "matryoshka"]
+N_SAES = 9  # one per coefficient architecture, two (k=4, k=8; trained as a stack) per k architecture
+
+
 def sweep_config(workdir, model_dir, data_path, **changes):
     raw = {
         "name": "e2e",
@@ -35,7 +40,8 @@ def sweep_config(workdir, model_dir, data_path, **changes):
         "hooks": [{"layer": 1, "site": "resid_post"}],
         "buffer": {"n_tokens": 10_000_000, "shard_rows": 128, "chunk_rows": 32},
         "producers": {"count": 2, "num_cpus": 0.5},
-        "sae": {"architectures": ["standard", "topk"], "expansion_factor": [2], "l1_coefficient": [0.05], "k": [4, 8]},
+        "sae": {"architectures": ALL_ARCHITECTURES, "expansion_factor": [2], "l1_coefficient": [0.05],
+                "l0_coefficient": [0.05], "k": [4, 8]},
         "train": {"total_tokens": 8192, "batch_size": 128, "lr": 0.003, "log_every": 4, "eval_rows": 100, "dead_tokens": 1024},
         "resources": {"cpus_per_trial": 0.5},
     }
@@ -67,12 +73,13 @@ def test_sweep_end_to_end(tmp_path, tiny_model_factory, sample_texts, local_ray,
     client = tracking.client_for(cfg.tracking_uri())
     name = tracking.registry_name(model_dir, "blocks.1.hook_resid_post")
     versions = client.search_model_versions(f"name = '{name}'")
-    assert len(versions) == len(result.rows) == 3
+    assert len(versions) == len(result.rows) == N_SAES
+    assert {v.tags["architecture"] for v in versions} == set(ALL_ARCHITECTURES)
     for v in versions:
         for tag in ["architecture", "d_sae", "expansion_factor", "l0", "fvu", "dead_fraction", "tokens_seen"]:
             assert tag in v.tags, (tag, v.tags)
-        assert ("k" in v.tags) == (v.tags["architecture"] == "topk")
-        assert ("l1_coefficient" in v.tags) == (v.tags["architecture"] == "standard")
+        param = ARCHITECTURES[v.tags["architecture"]].sparsity_param
+        assert {"k", "l1_coefficient", "l0_coefficient"} & set(v.tags) == {param}
         assert int(v.tags["tokens_seen"]) >= cfg.train.total_tokens
         run = client.get_run(v.run_id)
         assert run.data.tags["mlflow.parentRunId"] == result.parent_run_id
@@ -86,11 +93,12 @@ def test_sweep_end_to_end(tmp_path, tiny_model_factory, sample_texts, local_ray,
         assert again["fvu"] < 1.0
         if v.tags["architecture"] == "topk":
             assert again["l0"] <= int(v.tags["k"]) + 1e-6
+        assert again["l0"] == pytest.approx(float(v.tags["l0"]), rel=1e-3)
 
     # Aliases and the summary in the parent run.
     assert client.get_model_version_by_alias(name, "best-fvu").version in {v.version for v in versions}
     artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
-    assert {"summary.txt", "summary.json"} <= artifacts
+    assert {"summary.txt", "summary.json", "frontier.png"} <= artifacts
 
     # The lookups a researcher uses.
     from sae_ray.cli import main
@@ -98,7 +106,7 @@ def test_sweep_end_to_end(tmp_path, tiny_model_factory, sample_texts, local_ray,
     capsys.readouterr()
     assert main(["registry", "list", "--tracking-uri", cfg.tracking_uri()]) == 0
     listing = capsys.readouterr().out
-    assert name in listing and "@best-fvu" in listing and listing.count("architecture=") == 3
+    assert name in listing and "@best-fvu" in listing and listing.count("architecture=") == N_SAES
     assert main(["registry", "show", f"{name}@best-fvu", "--tracking-uri", cfg.tracking_uri()]) == 0
     shown = capsys.readouterr().out
     assert "fvu:" in shown and f"models:/{name}/" in shown
@@ -136,7 +144,7 @@ def test_bad_inputs_fail_before_training_and_keep_data(tmp_path, tiny_model_fact
     path = tmp_path / "ok.yaml"
     path.write_text(yaml.safe_dump(sweep_config(tmp_path / "w", model_dir, data).model_dump(mode="json")))
     assert main(["validate", str(path)]) == 0
-    assert "3 SAEs" in capsys.readouterr().out
+    assert f"{N_SAES} SAEs" in capsys.readouterr().out
     bad = tmp_path / "bad.yaml"
     bad.write_text(path.read_text().replace("text_column: text", "text_column: body"))
     assert main(["validate", str(bad)]) == 2

@@ -19,12 +19,12 @@ from ray import tune
 
 from sae_ray import tracking
 from sae_ray.buffer import ActivationBuffer
-from sae_ray.config import RunConfig
+from sae_ray.config import RunConfig, pack_stacks
 from sae_ray.preflight import Plan, preflight
-from sae_ray.sweep.trainable import train_trial, trial_name
+from sae_ray.sweep.trainable import member_name, stack_name, train_trial
 
-SUMMARY_COLUMNS = ["trial", "architecture", "d_sae", "k", "l1_coefficient", "l0", "fvu", "dead_fraction",
-                   "tokens_seen", "train_tokens_per_s", "version"]
+SUMMARY_COLUMNS = ["sae", "architecture", "d_sae", "k", "l1_coefficient", "l0_coefficient", "l0", "fvu",
+                   "dead_fraction", "tokens_seen", "train_tokens_per_s", "version"]
 
 
 @dataclass
@@ -41,16 +41,12 @@ class ProgressPrinter(tune.Callback):
     """One console line per reported step of each trial, instead of Tune's wide tables."""
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if "fvu" in result:
-            print(f"[{trial_name(trial.config['trial'])}] tokens {int(result['tokens']):>9,}  "
-                  f"fvu {result['fvu']:.3f}  l0 {result['l0']:7.1f}  dead {result['dead_fraction']:.3f}  "
-                  f"{result['tokens_per_s']:,.0f} tok/s", flush=True)
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        m = trial.last_result or {}
-        if "final_fvu" in m:
-            print(f"[{trial_name(trial.config['trial'])}] done: fvu {m['final_fvu']:.4f}  l0 {m['final_l0']:.1f}  "
-                  f"registered version {m.get('registered_version') or '-'}", flush=True)
+        for name, m in zip(result.get("members", []), result.get("per_member", [])):
+            print(f"[{name}] tokens {int(m['tokens']):>9,}  fvu {m['fvu']:.3f}  l0 {m['l0']:7.1f}  "
+                  f"dead {m['dead_fraction']:.3f}  {m['tokens_per_s']:,.0f} tok/s", flush=True)
+        for name, m in zip(result.get("members", []), result.get("final", [])):
+            print(f"[{name}] done: fvu {m['fvu']:.4f}  l0 {m['l0']:.1f}  "
+                  f"registered version {m['registered_version'] or '-'}", flush=True)
 
 
 class ProductionWatcher(tune.Callback):
@@ -125,7 +121,8 @@ def run_sweep(cfg: RunConfig, address: str | None = None, plan: Plan | None = No
     client = tracking.client_for(uri)
     parent_run_id = tracking.start_run(uri, experiment_id, cfg.name, tags={"sae_ray.kind": "sweep"})
     tracking.log_params(client, parent_run_id, cfg.model_dump(mode="json"))
-    print(f"[sae-ray] {len(plan.trials)} SAEs on {list(plan.hooks)}; MLflow {uri} run {parent_run_id}")
+    stacks = pack_stacks(plan.trials, cfg.sae.max_stack)
+    print(f"[sae-ray] {len(plan.trials)} SAEs in {len(stacks)} trials on {list(plan.hooks)}; MLflow {uri} run {parent_run_id}")
 
     try:
         connect_ray(address)
@@ -134,7 +131,7 @@ def run_sweep(cfg: RunConfig, address: str | None = None, plan: Plan | None = No
         r = cfg.resources
         trainable = tune.with_resources(train_trial, {"cpu": r.cpus_per_trial, "gpu": r.gpus_per_trial})
         param_space = {
-            "trial": tune.grid_search(plan.trials),
+            "stack": tune.grid_search(stacks),
             "run": cfg.model_dump(mode="json"),
             "hooks": plan.hooks,
             "experiment_id": experiment_id,
@@ -144,7 +141,7 @@ def run_sweep(cfg: RunConfig, address: str | None = None, plan: Plan | None = No
             trainable,
             param_space=param_space,
             tune_config=tune.TuneConfig(max_concurrent_trials=r.max_concurrent_trials,
-                                        trial_name_creator=lambda t: trial_name(t.config["trial"]),
+                                        trial_name_creator=lambda t: stack_name(t.config["stack"]),
                                         trial_dirname_creator=lambda t: f"{t.trial_id}"),
             run_config=tune.RunConfig(name=f"{cfg.name}-{parent_run_id[:8]}", storage_path=str(workdir / "tune"),
                                       verbose=0, callbacks=[ProgressPrinter(), ProductionWatcher(producing)]),
@@ -154,11 +151,13 @@ def run_sweep(cfg: RunConfig, address: str | None = None, plan: Plan | None = No
         for s in producer_stats:
             s["tokens_per_s"] = s["rows"] / max(s["seconds"], 1e-9)
         errors = [str(r.error) for r in results if r.error is not None]
-        rows = [_summary_row(r.config["trial"], r.metrics or {}) for r in results if r.error is None]
-        rows.sort(key=lambda row: (row["architecture"], row["d_sae"], row["k"] or 0, row["l1_coefficient"] or 0))
+        rows = [_summary_row(t, m) for r in results if r.error is None
+                for t, m in zip(r.config["stack"], (r.metrics or {}).get("final", []))]
+        rows.sort(key=lambda row: (row["architecture"], row["d_sae"], row["k"] or 0, row["l1_coefficient"] or 0,
+                                   row["l0_coefficient"] or 0))
         _log_summary(client, parent_run_id, rows, producer_stats, cfg)
         if errors:
-            raise RuntimeError(f"{len(errors)} of {len(plan.trials)} trials failed; first error:\n{errors[0]}")
+            raise RuntimeError(f"{len(errors)} of {len(stacks)} trials failed; first error:\n{errors[0]}")
         client.set_terminated(parent_run_id)
     except BaseException:
         client.set_terminated(parent_run_id, status="FAILED")
@@ -168,11 +167,11 @@ def run_sweep(cfg: RunConfig, address: str | None = None, plan: Plan | None = No
 
 def _summary_row(trial: dict, m: dict) -> dict[str, Any]:
     return {
-        "trial": trial_name(trial), "architecture": trial["architecture"], "d_sae": trial["d_sae"],
-        "k": trial.get("k"), "l1_coefficient": trial.get("l1_coefficient"), "hook": trial["hook"],
-        "l0": m.get("final_l0"), "fvu": m.get("final_fvu"), "dead_fraction": m.get("final_dead_fraction"),
-        "tokens_seen": m.get("final_tokens_seen"), "train_tokens_per_s": m.get("final_train_tokens_per_s"),
-        "version": m.get("registered_version"), "mlflow_run_id": m.get("mlflow_run_id"),
+        "sae": member_name(trial), "architecture": trial["architecture"], "d_sae": trial["d_sae"],
+        "k": trial.get("k"), "l1_coefficient": trial.get("l1_coefficient"), "l0_coefficient": trial.get("l0_coefficient"),
+        "hook": trial["hook"], "l0": m["l0"], "fvu": m["fvu"], "dead_fraction": m["dead_fraction"],
+        "tokens_seen": m["tokens_seen"], "train_tokens_per_s": m["train_tokens_per_s"],
+        "version": m["registered_version"], "mlflow_run_id": m["mlflow_run_id"],
     }
 
 
@@ -190,11 +189,31 @@ def format_table(rows: list[dict[str, Any]], columns: list[str] = SUMMARY_COLUMN
     return "\n".join([line(columns), line(["-" * w for w in widths]), *map(line, body)])
 
 
+def plot_frontier(rows: list[dict[str, Any]], path: Path) -> None:
+    """L0 (log scale) against FVU, one series per architecture and hook: the sparsity/fidelity frontier."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in sorted({(r["architecture"], r["hook"]) for r in rows}):
+        pts = sorted((r["l0"], r["fvu"]) for r in rows if (r["architecture"], r["hook"]) == key)
+        ax.plot(*zip(*pts), marker="o", label=f"{key[0]} @ {key[1]}")
+    ax.set(xscale="log", xlabel="L0 (active latents per token)", ylabel="FVU", title="SAE sweep: L0 vs FVU")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _log_summary(client, run_id: str, rows: list[dict], producer_stats: list[dict], cfg: RunConfig) -> None:
     """The sweep's summary table in the parent run, plus aliases for the best SAE per registered model."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
+        plot_frontier(rows, Path(tmp, "frontier.png"))
         Path(tmp, "summary.txt").write_text(format_table(rows) + "\n")
         Path(tmp, "summary.json").write_text(json.dumps({"trials": rows, "producers": producer_stats}, indent=2, default=str))
         client.log_artifacts(run_id, tmp)
