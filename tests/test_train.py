@@ -370,3 +370,25 @@ def test_every_architecture_runs_through_the_loop(arch, stacked):
         assert all(math.isfinite(v) for v in m.values()), m
         assert m["loss"] == pytest.approx(m["mse"] + sum(v for k, v in m.items() if k.endswith("_loss")), rel=1e-4)
 
+
+
+OTHER_SPARSITY = {"k": [3, 5, 8], "l1_coefficient": [0.3, 1.0, 3.0], "l0_coefficient": [0.03, 0.1, 0.3]}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_stack_trains_to_the_same_weights_as_separate_saes(arch):
+    """A stack of 3 (different sparsity each) trained by train_sae == the 3 SAEs trained alone on the same batches."""
+    param = ARCHITECTURES[arch].sparsity_param
+    separate = []
+    for i, value in enumerate(OTHER_SPARSITY[param]):
+        torch.manual_seed(i)
+        separate.append(create_sae(sae_cfg(arch, **{param: value})))
+    stack = SAE.stack([copy.deepcopy(s) for s in separate]) if hasattr(SAE, "stack") else pytest.skip("no stacks")
+    x = sparse_data(128 * 20, 3, scale=10.0)
+    train = quick(total_tokens=len(x), lr=1e-3, lr_warmup_steps=4)
+    for sae in separate:
+        train_sae(sae, iter(x.split(128)), train)
+    train_sae(stack, iter(x.split(128)), train)
+    for alone, member in zip(separate, stack.unstack()):
+        for name, p in alone.state_dict().items():
+            torch.testing.assert_close(member.state_dict()[name], p, rtol=1e-4, atol=1e-5, msg=f"{arch} {name}")
