@@ -23,14 +23,6 @@ K_ARCHS = ["topk", "batchtopk", "matryoshka"]
 SPARSITY = {"k": [2, 4, 7], "l1_coefficient": [0.05, 0.2, 1.0], "l0_coefficient": [0.01, 0.1, 0.5]}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: OpenMP threads only spin against each other (and other jobs) here."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def config(arch: str, d_in: int = 8, d_sae: int = 32, member: int = 1, dtype: str = "float32", **extra) -> SAEConfig:
     """A config with the architecture's member-th sparsity value (jumprelu: a wide bandwidth,

@@ -27,14 +27,6 @@ from sae_ray.sae.standard import StandardSAE
 from sae_ray.sae.topk import TopKSAE
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: OpenMP threads only spin against each other (and other jobs) here."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def make(architecture: str, d_in: int = 8, d_sae: int = 32, **kw) -> SAE:
     if architecture == "topk":

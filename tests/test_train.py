@@ -19,14 +19,6 @@ from sae_ray.train.optim import Adam, clip_grad_norm_, lr_factor, sparsity_facto
 D_IN, D_SAE = 32, 64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: a second intra-op thread only adds waiting, badly so on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 SPARSITY = {"k": 4, "l1_coefficient": 1.0, "l0_coefficient": 0.1}
 
