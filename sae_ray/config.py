@@ -65,13 +65,18 @@ class BufferConfig(Section):
     shard_rows: int = Field(65_536, gt=0, description="Rows per shard: the unit one producer writes at once.")
     chunk_rows: int = Field(4_096, gt=0, description="Rows per chunk: the unit of reading. Must divide shard_rows.")
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="dtype activations are stored in.")
-    codec: Literal["zstd", "none"] = Field("zstd", description="Blosc zstd (level 1, byte shuffle) or no compression.")
+    codec: Literal["zstd", "lz4", "none"] = Field("zstd", description="Blosc codec (byte shuffle, 1 MiB blocks) or no compression.")
+    codec_level: int = Field(1, ge=0, le=9, description="Blosc compression level.")
+    max_gb: float | None = Field(None, gt=0, description="Bounded streaming window: producers wait while committed shards take this many GB; a shard is dropped once every trial has passed it. None: keep the whole buffer as a cache.")
+    on_corrupt: Literal["fail", "skip"] = Field("fail", description="A shard that fails its checksum: stop with an error naming it, or skip it and count the rows skipped.")
 
 
 class ProducerConfig(Section):
     count: int = Field(1, gt=0, description="Number of producer actors (one per GPU on a GPU machine).")
     num_gpus: float = Field(0, ge=0, description="GPU share each producer takes (0 on CPU).")
     num_cpus: float = Field(1, ge=0, description="CPUs each producer takes.")
+    max_restarts: int = Field(3, ge=0, description="Times Ray restarts a producer that died; it resumes where its committed rows end.")
+    write_queue: int = Field(2, ge=1, description="Shards a producer may hold while its background writer writes (the forward pass never waits on Zarr unless this fills).")
 
 
 class SweepConfig(Section):
