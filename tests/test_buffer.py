@@ -203,10 +203,12 @@ def test_ensure_capacity_seen_by_writer_opened_before(tmp_path):
     np.testing.assert_array_equal(coord.read_rows(HOOK, 2), acts[HOOK])
 
 
-@pytest.mark.parametrize("codec", ["zstd", "none"])
+@pytest.mark.parametrize("codec", ["zstd", "lz4", "none"])
 def test_sharding_and_codec(tmp_path, codec):
     path = tmp_path / "buf"
-    buf = make(path, codec=codec, capacity_rows=2 * SHARD)
+    buf = ActivationBuffer.create_or_open(str(path), FP, {HOOK: D_IN}, shard_rows=SHARD, chunk_rows=CHUNK,
+                                          capacity_rows=2 * SHARD, codec=codec, codec_level=3)
+    assert (buf.codec, buf.codec_level) == (codec, 3)
     acts, tok, *_ = write_commit(buf, 1, 10)
     meta = json.loads((path / "acts" / HOOK / "zarr.json").read_text())
     assert meta["chunk_grid"]["configuration"]["chunk_shape"] == [SHARD, D_IN]
@@ -214,10 +216,16 @@ def test_sharding_and_codec(tmp_path, codec):
     assert sharding["name"] == "sharding_indexed"
     assert sharding["configuration"]["chunk_shape"] == [CHUNK, D_IN]
     inner = {c["name"]: c.get("configuration") for c in sharding["configuration"]["codecs"]}
-    if codec == "zstd":
-        assert inner["blosc"] == {**inner["blosc"], "cname": "zstd", "clevel": 1, "shuffle": "shuffle", "blocksize": 1 << 20}
-    else:
-        assert list(inner) == ["bytes"]
+    if codec == "none":
+        assert list(inner) == ["bytes", "crc32c"]
+    else:  # compressed, then checksummed
+        assert list(inner) == ["bytes", "blosc", "crc32c"]
+        assert inner["blosc"] == {**inner["blosc"], "cname": codec, "clevel": 3, "shuffle": "shuffle", "blocksize": 1 << 20}
+    assert [c["name"] for c in sharding["configuration"]["index_codecs"]] == ["bytes", "crc32c"]
+    attrs = json.loads((path / "zarr.json").read_text())["attributes"]
+    assert (attrs["codec"], attrs["codec_level"]) == (codec, 3)
+    again = make(path, codec="zstd")  # reopening keeps the stored codec
+    assert (again.codec, again.codec_level) == (codec, 3)
     # one file per shard: only shard 1 was written
     assert sorted(os.listdir(path / "acts" / HOOK / "c")) == ["1"]
     fresh = ActivationBuffer.open(str(path))

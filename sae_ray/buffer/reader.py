@@ -5,27 +5,126 @@ shards in a seeded random order, reads ``shards_in_mix`` of them at a time (whol
 shards, so reads are chunk-aligned), shuffles the rows across them and yields full
 batches, carrying the remainder into the next mix. It streams: it may start while
 producers are still committing, and picks up new shards as they are committed.
+
+A background thread reads and mixes up to ``prefetch`` mixes ahead of the consumer
+(``prefetch=0``: no thread). ``state_dict()`` describes what the consumer has received
+(not what the thread has read ahead), so a reader built with ``state=`` yields exactly
+the batches an uninterrupted reader would have yielded next.
 """
 
 from __future__ import annotations
 
+import json
+import queue
+import threading
 import time
-from typing import Iterator
+import warnings
+import weakref
+from dataclasses import dataclass
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
-from .store import TORCH_DTYPE, ActivationBuffer
+from .store import TORCH_DTYPE, ActivationBuffer, CorruptShardError, ShardDroppedError, check_reader_id
+
+STATE_VERSION = 1
+ON_CORRUPT = ("fail", "skip")
+# state keys that must match the reader's own settings: another value gives another stream
+_SETTINGS = ("hook", "batch_size", "seed", "shards_in_mix")
+
+
+@dataclass
+class _Mix:
+    """One mix as the background thread hands it over.
+
+    ``batches``: [k, d_in] tensors in the stored dtype (views of one permuted tensor);
+    ``before``: the position at the start of this mix (``batches_done`` counts batches
+    already consumed before a resume); ``after``: the position once all are consumed;
+    ``passed``: shards fully consumed this epoch once all are consumed."""
+
+    before: dict
+    batches: list[torch.Tensor]
+    after: dict
+    passed: list[int]
+    rows_skipped: int
+
+
+@dataclass
+class _End:
+    """A windowed buffer is complete and every live shard has been read."""
+
+    after: dict
+    passed: list[int]
+
+
+class _Prefetcher:
+    """Runs a generator of mixes in a daemon thread, at most ``depth`` items ahead.
+    Iterating it yields the items; an exception in the thread is raised here."""
+
+    def __init__(self, source: Iterator, depth: int, stop: threading.Event):
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.stop = stop
+        self.thread = threading.Thread(target=self._run, args=(source,), daemon=True, name="BufferReader-prefetch")
+        self.thread.start()
+
+    def _put(self, item: tuple) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, source: Iterator) -> None:
+        try:
+            for item in source:
+                if not self._put(("item", item)):
+                    return
+            self._put(("end", None))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            self._put(("error", e))
+        finally:
+            source.close()
+
+    def __iter__(self) -> Iterator:
+        while True:
+            kind, item = self.queue.get()
+            if kind == "item":
+                yield item
+            elif kind == "end":
+                return
+            else:
+                raise item
+
+    def close(self, timeout: float = 10.0) -> None:
+        self.stop.set()
+        if self.thread is not threading.current_thread():
+            self.thread.join(timeout)
 
 
 class BufferReader:
-    """Endless iterator of ``[batch_size, d_in]`` float32 CPU tensors from one hook.
+    """Iterator of ``[batch_size, d_in]`` float32 CPU tensors from one hook.
 
     Epoch ``e`` visits every shard committed during it exactly once, in an order drawn
-    from ``np.random.default_rng((seed, e))``. When every committed shard has been read:
-    if the buffer is complete, the next epoch starts; otherwise the reader polls every
+    from ``seed`` and ``e``. When every committed shard has been read: if the buffer is
+    complete, the next epoch starts (endless); otherwise the reader polls every
     ``poll_seconds`` for new commits and raises TimeoutError after ``timeout_seconds``
-    without any. ``rows_read`` counts rows yielded so far; ``epoch`` is the current epoch.
+    without any. A windowed buffer (``buffer.is_windowed()``: a window is set or shards
+    were dropped) is single-epoch: each shard is read once, and once the buffer is
+    complete and every live shard has been read the iterator ends (StopIteration; the
+    last < batch_size rows are not yielded). Dropped shards are never read.
+
+    ``on_corrupt``: "fail" raises ``CorruptShardError``; "skip" skips the shard, adds its
+    rows to ``rows_skipped`` and warns. ``prefetch``: mixes read ahead by a background
+    thread (0: none). ``reader_id``: if set, after each mix the shards fully consumed in
+    the current epoch are written to ``<buffer>/readers/<reader_id>.json`` (what the
+    coordinator of a bounded window waits for). ``state``: a ``state_dict()`` to resume
+    from. ``rows_read`` counts rows yielded, ``rows_skipped`` rows lost to damaged or
+    dropped shards, ``epoch`` is the epoch of the last batch yielded.
+
+    Memory: about ``(prefetch + 2) * shards_in_mix * shard_rows * d_in`` stored values.
     """
 
     def __init__(
@@ -37,6 +136,10 @@ class BufferReader:
         shards_in_mix: int = 4,
         poll_seconds: float = 0.5,
         timeout_seconds: float = 600.0,
+        on_corrupt: str = "fail",
+        prefetch: int = 2,
+        reader_id: str | None = None,
+        state: dict | None = None,
     ):
         if hook not in buffer.hooks:
             raise KeyError(f"buffer at {buffer.path!r} has no hook {hook!r}; hooks: {sorted(buffer.hooks)}")
@@ -46,6 +149,12 @@ class BufferReader:
         for field, v in (("poll_seconds", poll_seconds), ("timeout_seconds", timeout_seconds)):
             if not v > 0:
                 raise ValueError(f"BufferReader {field} must be > 0, got {v!r}")
+        if not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"BufferReader seed must be an int >= 0, got {seed!r}")
+        if on_corrupt not in ON_CORRUPT:
+            raise ValueError(f"BufferReader on_corrupt {on_corrupt!r} is not supported; accepted: {', '.join(ON_CORRUPT)}")
+        if not isinstance(prefetch, int) or prefetch < 0:
+            raise ValueError(f"BufferReader prefetch must be an int >= 0 (mixes read ahead; 0 = no thread), got {prefetch!r}")
         self.buffer = buffer
         self.hook = hook
         self.d_in = buffer.hooks[hook]
@@ -54,52 +163,230 @@ class BufferReader:
         self.shards_in_mix = shards_in_mix
         self.poll_seconds = poll_seconds
         self.timeout_seconds = timeout_seconds
+        self.on_corrupt = on_corrupt
+        self.prefetch = prefetch
+        self.reader_id = reader_id
+        if reader_id is not None:  # now rather than after the first mix
+            check_reader_id(reader_id, buffer.path)
+        self._start = _fresh_position()
+        self._start_rows_read = 0
+        self._pos = self._start
         self.rows_read = 0
+        self.rows_skipped = 0
         self.epoch = 0
+        self._current: weakref.ref | None = None
+        if state is not None:
+            self.load_state_dict(state)
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict:
+        """Where the consumer is: JSON-serialisable. Pass it as ``state=`` (or to
+        ``load_state_dict``) to continue with exactly the batches that come next."""
+        state = {"version": STATE_VERSION, "hook": self.hook, "batch_size": self.batch_size, "seed": self.seed,
+                 "shards_in_mix": self.shards_in_mix, **self._pos, "rows_read": self.rows_read}
+        return json.loads(json.dumps(state))
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state`` (a ``state_dict()``) at the next ``iter()``; stops a running iterator."""
+        where = f"BufferReader on buffer {self.buffer.path!r}, hook {self.hook!r}"
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            got = state.get("version") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"{where}: state must be a dict from state_dict() with version {STATE_VERSION}, got {got!r}")
+        for key in _SETTINGS:
+            if state.get(key) != getattr(self, key):
+                raise ValueError(f"{where}: state was saved with {key}={state.get(key)!r} but this reader has "
+                                 f"{key}={getattr(self, key)!r}; resume with the same {', '.join(_SETTINGS)}")
+        missing = [k for k in _fresh_position() if k not in state]
+        if missing:
+            raise ValueError(f"{where}: state lacks {missing}; pass a dict from state_dict()")
+        self.close()
+        self._start = {k: state[k] for k in _fresh_position()}
+        self._pos = self._start
+        self._start_rows_read = self.rows_read = int(state.get("rows_read", 0))
+        self.rows_skipped = int(state["rows_skipped"])
+        self.epoch = int(state["epoch"])
+
+    # ------------------------------------------------------------------ iteration
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        """Yields [batch_size, d_in] float32 tensors, forever. Restarts from epoch 0."""
-        self.rows_read, self.epoch = 0, 0
-        rng = np.random.default_rng((self.seed, self.epoch))
-        pool: list[int] = []  # committed, not yet read this epoch, in random order
-        seen: set[int] = set()  # read (or in the pool) this epoch
-        carry = torch.empty(0, self.d_in, dtype=TORCH_DTYPE[self.buffer.dtype])
+        """Yields [batch_size, d_in] float32 tensors from the start (or the loaded state).
+        One iterator at a time: a new one stops the previous one."""
+        self.close()
+        start = self._start
+        self._pos = start
+        self.rows_read = self._start_rows_read
+        self.rows_skipped = int(start["rows_skipped"])
+        self.epoch = int(start["epoch"])
+        it = self._batches(start)
+        self._current = weakref.ref(it)
+        return it
+
+    def close(self) -> None:
+        """Stop the current iterator and its background thread (also done when it is garbage collected)."""
+        it = self._current() if self._current is not None else None
+        self._current = None
+        if it is not None:
+            it.close()
+
+    def _batches(self, start: dict) -> Iterator[torch.Tensor]:
+        """Consumer side: unpacks mixes, keeps the position in step with what it yields."""
+        stop = threading.Event()
+        source = self._mixes(start, stop)
+        prefetcher = None
+        if self.prefetch:
+            prefetcher = _Prefetcher(source, self.prefetch, stop)
+            items: Iterator = iter(prefetcher)
+        else:
+            items = source
+        try:
+            for item in items:
+                if isinstance(item, _End):
+                    self._pos = item.after
+                    self._record_progress(item.passed, item.after["epoch"])
+                    return
+                self.rows_skipped = item.rows_skipped
+                n = len(item.batches)
+                for j, batch in enumerate(item.batches):
+                    self.epoch = int(item.before["epoch"])
+                    self.rows_read += self.batch_size
+                    if j == n - 1:
+                        self._pos = item.after
+                        self._record_progress(item.passed, item.before["epoch"])
+                    else:
+                        self._pos = {**item.before, "batches_done": item.before["batches_done"] + j + 1}
+                    yield batch.to(torch.float32, copy=True)
+                if n == 0:
+                    self._pos = item.after
+                    self._record_progress(item.passed, item.before["epoch"])
+        finally:
+            stop.set()
+            if prefetcher is not None:
+                prefetcher.close()
+            else:
+                source.close()
+
+    def _record_progress(self, passed: list[int], epoch: int) -> None:
+        if self.reader_id is None:
+            return
+        try:
+            self.buffer.write_reader_progress(self.reader_id, passed, epoch)
+        except OSError as e:  # the next mix writes it again
+            warnings.warn(f"buffer at {self.buffer.path!r}: could not write progress of reader {self.reader_id!r} "
+                          f"({type(e).__name__}: {e}); will retry after the next mix", RuntimeWarning, stacklevel=2)
+
+    # ------------------------------------------------------------------ producer side (may run in a thread)
+
+    def _read_shard(self, shard_id: int, skipped: int) -> tuple[torch.Tensor | None, int]:
+        """The shard's rows [n, d_in] (stored dtype), or None if skipped; and rows skipped so far."""
+        try:
+            return self.buffer.read_tensor(self.hook, shard_id), skipped
+        except (CorruptShardError, ShardDroppedError) as e:
+            if isinstance(e, CorruptShardError) and self.on_corrupt == "fail":
+                raise
+            n = self._shard_rows_known(shard_id)
+            skipped += n
+            warnings.warn(f"BufferReader on buffer {self.buffer.path!r}: skipped shard {shard_id} ({n} rows; "
+                          f"{skipped} rows skipped so far): {e}", RuntimeWarning, stacklevel=2)
+            return None, skipped
+
+    def _shard_rows_known(self, shard_id: int) -> int:
+        n = self.buffer.committed().get(shard_id)
+        return n if n is not None else self.buffer.dropped().get(shard_id, 0)
+
+    def _read_ids(self, ids: np.ndarray, skipped: int) -> tuple[torch.Tensor, np.ndarray, int]:
+        """Rows named by ``ids`` [n, 2] of (shard, row), read again in that order (a resumed
+        carry): ([n', d_in] stored dtype, their ids [n', 2], rows skipped so far)."""
+        out = torch.empty(len(ids), self.d_in, dtype=TORCH_DTYPE[self.buffer.dtype])
+        keep = np.ones(len(ids), dtype=bool)
+        for s in np.unique(ids[:, 0]).tolist():
+            mask = ids[:, 0] == s
+            try:
+                rows = self.buffer.read_tensor(self.hook, s)
+            except (CorruptShardError, ShardDroppedError) as e:
+                if isinstance(e, CorruptShardError) and self.on_corrupt == "fail":
+                    raise
+                keep &= ~mask
+                skipped += int(mask.sum())
+                warnings.warn(f"BufferReader on buffer {self.buffer.path!r}: {int(mask.sum())} carried rows of shard {s} "
+                              f"are lost ({skipped} rows skipped so far): {e}", RuntimeWarning, stacklevel=2)
+                continue
+            out[torch.from_numpy(mask)] = rows[torch.from_numpy(ids[mask, 1])]
+        return out[torch.from_numpy(keep)], ids[keep], skipped
+
+    def _mixes(self, start: dict, stop: threading.Event) -> Iterator[_Mix | _End]:
+        """Producer side: from position ``start``, every mix in turn (see ``_Mix``)."""
+        if start.get("finished"):
+            yield _End(after=start, passed=[int(s) for s in start["seen"]])
+            return
+        epoch, m = int(start["epoch"]), int(start["mix"])
+        pool, seen = [int(s) for s in start["pool"]], {int(s) for s in start["seen"]}
+        skipped = int(start["rows_skipped"])
+        carry_ids = np.asarray(start["carry"], dtype=np.int64).reshape(-1, 2)
+        carry, carry_ids, skipped = self._read_ids(carry_ids, skipped)
+        mix = [int(s) for s in start["mix_shards"]]
+        done = int(start["batches_done"])
         waiting_since: float | None = None
 
         while True:
-            if len(pool) < self.shards_in_mix:  # top up with shards committed since we last looked
-                complete = self.buffer.is_complete()  # read before committed(): no commit follows complete
-                committed = self.buffer.committed()
-                new = [s for s in committed if s not in seen]
-                if new:
-                    seen.update(new)
-                    pool.extend(new)
-                    rng.shuffle(pool)
-                if not pool:
-                    if complete:
-                        if not committed:
-                            raise ValueError(f"buffer at {self.buffer.path!r} is complete but has no committed rows")
-                        self.epoch += 1
-                        rng = np.random.default_rng((self.seed, self.epoch))
-                        seen = set()
+            if not mix:  # between mixes: top up the pool, or change epoch, or wait, or end
+                done = 0
+                if len(pool) < self.shards_in_mix:
+                    complete = self.buffer.is_complete()  # read before committed(): no commit follows complete
+                    committed = self.buffer.committed()
+                    pool = [s for s in pool if s in committed]  # dropped meanwhile
+                    new = [s for s in committed if s not in seen]
+                    if new:
+                        seen.update(new)
+                        pool.extend(new)
+                        np.random.default_rng((self.seed, epoch, 1, len(seen))).shuffle(pool)
+                    if not pool:
+                        if complete:
+                            if self.buffer.is_windowed():
+                                after = {**_fresh_position(), "epoch": epoch, "mix": m, "seen": sorted(seen),
+                                         "rows_skipped": skipped, "finished": True}
+                                yield _End(after=after, passed=sorted(seen))
+                                return
+                            if not committed:
+                                raise ValueError(f"buffer at {self.buffer.path!r} is complete but has no committed rows")
+                            epoch, m, seen = epoch + 1, 0, set()
+                            continue
+                        waiting_since = waiting_since or time.monotonic()
+                        if time.monotonic() - waiting_since > self.timeout_seconds:
+                            raise TimeoutError(
+                                f"no new shard committed to buffer at {self.buffer.path!r} in {self.timeout_seconds} s "
+                                f"({len(committed)} committed shards, all read; buffer not marked complete). "
+                                "Are the producers running?"
+                            )
+                        if stop.wait(self.poll_seconds):
+                            return
                         continue
-                    waiting_since = waiting_since or time.monotonic()
-                    if time.monotonic() - waiting_since > self.timeout_seconds:
-                        raise TimeoutError(
-                            f"no new shard committed to buffer at {self.buffer.path!r} in {self.timeout_seconds} s "
-                            f"({len(committed)} committed shards, all read; buffer not marked complete). "
-                            "Are the producers running?"
-                        )
-                    time.sleep(self.poll_seconds)
-                    continue
-            waiting_since = None
+                waiting_since = None
+                mix, pool = pool[: self.shards_in_mix], pool[self.shards_in_mix :]
 
-            mix, pool = pool[: self.shards_in_mix], pool[self.shards_in_mix :]
-            rows = torch.cat([carry] + [self.buffer.read_tensor(self.hook, s) for s in mix])
-            perm = torch.from_numpy(rng.permutation(len(rows)))
+            before = {"epoch": epoch, "mix": m, "pool": list(pool), "seen": sorted(seen), "mix_shards": list(mix),
+                      "carry": carry_ids.tolist(), "batches_done": done, "rows_skipped": skipped, "finished": False}
+            parts, ids = [carry], [carry_ids]
+            for s in mix:
+                rows, skipped = self._read_shard(s, skipped)
+                if rows is not None:
+                    parts.append(rows)
+                    ids.append(np.stack([np.full(len(rows), s), np.arange(len(rows))], axis=1).astype(np.int64))
+            rows, row_ids = torch.cat(parts), np.concatenate(ids)
+            perm = np.random.default_rng((self.seed, epoch, 0, m)).permutation(len(rows))
             n_full = len(rows) // self.batch_size * self.batch_size
-            for i in range(0, n_full, self.batch_size):
-                batch = rows[perm[i : i + self.batch_size]].to(torch.float32)
-                self.rows_read += self.batch_size
-                yield batch
-            carry = rows[perm[n_full:]]
+            mixed = rows[torch.from_numpy(perm[:n_full])]
+            carry, carry_ids = rows[torch.from_numpy(perm[n_full:])], row_ids[perm[n_full:]]
+            del rows
+            batches = [mixed[i : i + self.batch_size] for i in range(done * self.batch_size, n_full, self.batch_size)]
+            after = {"epoch": epoch, "mix": m + 1, "pool": list(pool), "seen": sorted(seen), "mix_shards": [],
+                     "carry": carry_ids.tolist(), "batches_done": 0, "rows_skipped": skipped, "finished": False}
+            passed = sorted(seen - set(pool) - set(carry_ids[:, 0].tolist()))
+            yield _Mix(before=before, batches=batches, after=after, passed=passed, rows_skipped=skipped)
+            mix, m = [], m + 1
+
+
+def _fresh_position() -> dict[str, Any]:
+    """The position before anything is read."""
+    return {"epoch": 0, "mix": 0, "pool": [], "seen": [], "mix_shards": [], "carry": [], "batches_done": 0,
+            "rows_skipped": 0, "finished": False}

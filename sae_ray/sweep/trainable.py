@@ -82,7 +82,12 @@ def train_trial(config: dict[str, Any]) -> None:
         })
         tracking.log_params(client, run_id, {"trial": t, "config": config["run"]})
         run_ids.append(run_id)
-    reader = BufferReader(buffer, hook, cfg.train.batch_size, seed=cfg.train.seed)
+    # Final figures are computed on fixed, reproducible rows: the first rows of the lowest shard
+    # committed when the trial starts. Read them now: a windowed buffer may drop that shard later.
+    eval_shard, x_eval = _eval_rows(buffer, hook, cfg.train.eval_rows)
+    reader_id = f"trial-{run_ids[0]}" if cfg.buffer.max_gb else None  # the coordinator drops shards all readers passed
+    reader = BufferReader(buffer, hook, cfg.train.batch_size, seed=cfg.train.seed,
+                          on_corrupt=cfg.buffer.on_corrupt, reader_id=reader_id)
 
     def on_log(step: int, metrics: list[dict[str, float]]) -> None:
         for run_id, m in zip(run_ids, metrics):
@@ -90,12 +95,12 @@ def train_trial(config: dict[str, Any]) -> None:
         tune.report({"members": [member_name(t) for t in stack], "per_member": metrics})
 
     try:
-        state = train_sae(sae, iter(reader), cfg.train, on_log=on_log)
+        try:
+            state = train_sae(sae, iter(reader), cfg.train, on_log=on_log)
+        finally:
+            reader.close()
         saes = sae.unstack() if len(cfgs) > 1 else [sae]
-        committed = buffer.committed()
-        eval_shard = min(committed)  # final figures on fixed, reproducible rows
-        x = torch.as_tensor(buffer.read_rows(hook, eval_shard, 0, min(cfg.train.eval_rows, committed[eval_shard])))
-        x = x.float().to(device)
+        x = x_eval.to(device)
         finals = []
         for i, (t, member, run_id) in enumerate(zip(stack, saes, run_ids)):
             final = evaluate_sae(member, x)
@@ -127,6 +132,17 @@ def train_trial(config: dict[str, Any]) -> None:
             client.set_terminated(run_id, status="FAILED")
         raise
     tune.report({"members": [member_name(t) for t in stack], "final": finals})
+
+
+def _eval_rows(buffer: ActivationBuffer, hook: str, n: int, timeout: float = 600.0) -> tuple[int, torch.Tensor]:
+    """(shard id, float32 [<= n, d_in]): the first rows of the lowest committed shard, once there is one."""
+    start = time.monotonic()
+    while not (committed := buffer.committed()):
+        if time.monotonic() - start > timeout:
+            raise TimeoutError(f"buffer {buffer.path}: no shard committed within {timeout:.0f}s")
+        time.sleep(0.5)
+    shard = min(committed)
+    return shard, torch.as_tensor(buffer.read_rows(hook, shard, 0, min(n, committed[shard]))).float()
 
 
 def _wait_complete(buffer: ActivationBuffer, timeout: float = 24 * 3600) -> None:
