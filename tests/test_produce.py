@@ -48,6 +48,28 @@ def test_skip_rows_resumes_exactly(tiny_model_factory, sample_texts):
     assert Counter(again.tolist()) == Counter(rest.tolist())
     rows = lambda shards: sorted(map(tuple, np.concatenate([s.acts["blocks.1.hook_resid_post"] for s in shards]).round(5)))  # noqa: E731
     assert rows(resumed) == rows(full[2:])
+    # each shard's shuffle is seeded by its place in the stream: a resumed run yields the very same shards
+    assert len(resumed) == len(full) - 2
+    for a, b in zip(resumed, full[2:]):
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+        np.testing.assert_array_equal(a.acts["blocks.1.hook_resid_post"], b.acts["blocks.1.hook_resid_post"])
+
+
+def test_model_and_storage_dtypes(tiny_model_factory, sample_texts):
+    """The model computes in its own dtype; rows are stored in the buffer's (bfloat16 as uint16 bits), bit for bit."""
+    model_dir = tiny_model_factory("gpt2")
+    for model_dtype, dtype in [("bfloat16", "bfloat16"), ("float16", "float16"), ("float32", "bfloat16"), ("bfloat16", "float32")]:
+        model, tok = load_model(model_dir, dtype=model_dtype)
+        hook = resolve_hook(model, layer=1, site="resid_post")
+        shard = next(iter_shards(model, tok, [hook], sample_texts, 16, 3, 50, dtype))
+        got = shard.acts[hook.name]
+        assert got.dtype == {"bfloat16": np.uint16, "float16": np.float16, "float32": np.float32}[dtype]
+        batch = next(iter(pack_documents(tok, sample_texts, 16, 3)))
+        ref = capture_activations(model, [hook], torch.from_numpy(batch.input_ids), torch.from_numpy(batch.attention_mask))
+        ref = ref[hook.name][torch.from_numpy(batch.keep)].to(getattr(torch, dtype))
+        ref = ref.view(torch.int16).numpy().view(np.uint16) if dtype == "bfloat16" else ref.numpy()
+        stored = {row.tobytes() for row in got}
+        assert all(row.tobytes() in stored for row in ref), (model_dtype, dtype)  # batch 0 lies inside shard 0
 
 
 def test_producer_rank_split_covers_documents_once(tiny_model_factory, sample_texts):

@@ -7,6 +7,7 @@ shuffled (across the many sequences it holds) and handed to the caller to write.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -38,10 +39,56 @@ class Shard:
 
 def to_storage(t: torch.Tensor, dtype: str) -> np.ndarray:
     """[n, d] tensor -> numpy in the buffer's storage dtype (bfloat16 -> uint16 bits)."""
+    return _as_storage(t, dtype).cpu().numpy().view(_NUMPY_STORAGE[dtype])
+
+
+_NUMPY_STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
+
+
+def _as_storage(t: torch.Tensor, dtype: str) -> torch.Tensor:
+    """Same device: t in the storage dtype; bfloat16 reinterpreted as int16 bits (numpy has no bfloat16)."""
     t = t.to(TORCH_DTYPES[dtype])
-    if dtype == "bfloat16":
-        return t.view(torch.uint16).cpu().numpy() if hasattr(torch, "uint16") else t.view(torch.int16).cpu().numpy().view(np.uint16)
-    return t.cpu().numpy()
+    return t.view(torch.int16) if dtype == "bfloat16" else t
+
+
+class _HostCopy:
+    """Rows of one batch on their way to host memory.
+
+    On CPU the copy is done at once. On CUDA the rows are gathered and cast on the compute
+    stream, then copied into pinned host tensors on a side stream with non_blocking=True, so
+    the copy runs while the next batch's forward pass computes; `wait()` synchronises on the
+    copy's event before the numpy views are handed out.
+    """
+
+    def __init__(self, acts: dict[str, torch.Tensor], keep: np.ndarray, dtype: str, copy_stream=None):
+        flat_keep = np.flatnonzero(keep.reshape(-1))
+        self.np_dtype = _NUMPY_STORAGE[dtype]
+        self.event = None
+        if copy_stream is None:  # CPU: nothing to overlap
+            index = torch.from_numpy(flat_keep)
+            self.host = {name: _as_storage(a.reshape(-1, a.shape[-1]).index_select(0, index.to(a.device)), dtype).cpu()
+                         for name, a in acts.items()}
+            return
+        device = next(iter(acts.values())).device
+        # an index (not a boolean mask) gathers without a device->host sync
+        index = torch.from_numpy(flat_keep).pin_memory().to(device, non_blocking=True)
+        rows = {name: _as_storage(a.reshape(-1, a.shape[-1]).index_select(0, index), dtype) for name, a in acts.items()}
+        copy_stream.wait_stream(torch.cuda.current_stream(device))
+        self.host = {}
+        with torch.cuda.stream(copy_stream):
+            for name, r in rows.items():
+                host = torch.empty(r.shape, dtype=r.dtype, pin_memory=True)
+                host.copy_(r, non_blocking=True)
+                r.record_stream(copy_stream)  # keep r's memory from being reused before the copy is done
+                self.host[name] = host
+        self.event = torch.cuda.Event()
+        self.event.record(copy_stream)
+
+    def wait(self) -> dict[str, np.ndarray]:
+        """{hook: [n, d] numpy in the storage dtype}, once the copy has landed."""
+        if self.event is not None:
+            self.event.synchronize()
+        return {name: h.numpy().view(self.np_dtype) for name, h in self.host.items()}
 
 
 def iter_shards(
@@ -65,16 +112,22 @@ def iter_shards(
     (doc_index records the global index). Stops once `max_rows` rows have been yielded
     (the last shard is cut to fit). skip_rows: rows this producer already committed in an
     earlier, interrupted run; shards are contiguous runs of the row stream, so skipping that
-    many rows resumes exactly (batches wholly inside the skip never reach the model).
+    many rows resumes exactly (batches wholly inside the skip never reach the model). The rows
+    of shard i of the stream are shuffled with the seed (seed, i), so a resumed run yields the
+    very shards, in the very row order, that an uninterrupted run would.
+
+    The model runs in its own dtype and device. On CUDA the device->host copy of a batch
+    overlaps the next batch's forward pass (pinned host memory, a side stream).
     """
     device = next(model.parameters()).device
-    rng = np.random.default_rng(seed)
+    copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    shard_no = skip_rows // shard_rows  # place in this rank's stream of the next shard
     pending: list[Shard] = []
     n_pending = 0
     n_out = 0
 
     def flush(n: int) -> Shard:
-        nonlocal pending, n_pending
+        nonlocal pending, n_pending, shard_no
         merged = Shard(
             acts={h.name: np.concatenate([p.acts[h.name] for p in pending]) for h in hooks},
             tokens=np.concatenate([p.tokens for p in pending]),
@@ -83,38 +136,54 @@ def iter_shards(
         )
         take, rest = _split(merged, n)
         pending, n_pending = ([rest], len(rest)) if len(rest) else ([], 0)
-        order = rng.permutation(len(take))
+        order = np.random.default_rng((seed, shard_no)).permutation(len(take))
+        shard_no += 1
         return Shard({k: v[order] for k, v in take.acts.items()}, take.tokens[order], take.doc_index[order], take.position[order])
 
-    for batch in pack_documents(tokenizer, docs, context_size, batch_size):
-        n_keep = int(batch.keep.sum())
-        if skip_rows >= n_keep:
-            skip_rows -= n_keep
-            continue
-        if skip_rows:  # the resume point falls inside this batch: drop its first skip_rows kept rows
-            flat = batch.keep.reshape(-1).copy()
-            flat[np.flatnonzero(flat)[:skip_rows]] = False
-            batch.keep = flat.reshape(batch.keep.shape)
-            skip_rows = 0
-        acts = capture_activations(
-            model, hooks, torch.from_numpy(batch.input_ids).to(device), torch.from_numpy(batch.attention_mask).to(device)
-        )
-        keep = torch.from_numpy(batch.keep)
+    def launch(batch) -> tuple[_HostCopy, Shard]:
+        """Start the forward pass and the copy of its kept rows; the returned block's acts come from copy.wait()."""
+        ids, mask = torch.from_numpy(batch.input_ids), torch.from_numpy(batch.attention_mask)
+        if device.type == "cuda":
+            ids, mask = ids.pin_memory().to(device, non_blocking=True), mask.pin_memory().to(device, non_blocking=True)
+        acts = capture_activations(model, hooks, ids, mask)
         block = Shard(
-            acts={name: to_storage(a[keep.to(a.device)], dtype) for name, a in acts.items()},
+            acts={},
             tokens=batch.input_ids[batch.keep].astype(np.int32),
             doc_index=batch.doc_index[batch.keep].astype(np.int64) * world + rank,
             position=batch.position[batch.keep].astype(np.int32),
         )
-        pending.append(block)
-        n_pending += len(block)
-        while n_pending >= shard_rows:
-            n = shard_rows if max_rows is None else min(shard_rows, max_rows - n_out)
-            shard = flush(n)
-            n_out += len(shard)
-            yield shard
-            if max_rows is not None and n_out >= max_rows:
-                return
+        return _HostCopy(acts, batch.keep, dtype, copy_stream), block
+
+    def batches():
+        nonlocal skip_rows
+        for batch in pack_documents(tokenizer, docs, context_size, batch_size):
+            n_keep = int(batch.keep.sum())
+            if skip_rows >= n_keep:
+                skip_rows -= n_keep
+                continue
+            if skip_rows:  # the resume point falls inside this batch: drop its first skip_rows kept rows
+                flat = batch.keep.reshape(-1).copy()
+                flat[np.flatnonzero(flat)[:skip_rows]] = False
+                batch.keep = flat.reshape(batch.keep.shape)
+                skip_rows = 0
+            yield batch
+
+    in_flight: tuple[_HostCopy, Shard] | None = None
+    for batch in itertools.chain(batches(), [None]):
+        launched = launch(batch) if batch is not None else None  # batch i+1 computes while batch i copies
+        if in_flight is not None:
+            copy, block = in_flight
+            block.acts = copy.wait()
+            pending.append(block)
+            n_pending += len(block)
+            while n_pending >= shard_rows:
+                n = shard_rows if max_rows is None else min(shard_rows, max_rows - n_out)
+                shard = flush(n)
+                n_out += len(shard)
+                yield shard
+                if max_rows is not None and n_out >= max_rows:
+                    return
+        in_flight = launched
     if n_pending:
         n = n_pending if max_rows is None else min(n_pending, max_rows - n_out)
         if n > 0:

@@ -1,57 +1,86 @@
 """BufferCoordinator: the one process that changes the buffer's metadata.
 
-It hands out shard ids, grows the arrays before a shard is written, records commits in
-the group's attributes and marks the buffer complete when every producer has finished.
-Activations never pass through it, only ids and counts. Its state lives on disk, so a
-restarted coordinator rebuilds it from the group's attributes.
+A thin actor over `ShardLedger` (sae_ray.actors.ledger): it hands out shard ids, grows the
+arrays before a shard is written, records commits in the group's attributes, runs the bounded
+window and marks the buffer complete when every producer has finished. Activations never pass
+through it, only ids and counts. Its state lives on disk, so when its process dies Ray restarts
+it (max_restarts=-1), the ledger is rebuilt from the group's attributes, and the calls that were
+in flight are retried (max_task_retries=-1; every method is safe to run twice).
+
+It is a named actor (`coordinator_name(path)`), so the driver, a test or a trial can ask it
+for `status()`.
 """
 
 from __future__ import annotations
 
-import math
+import hashlib
+import os
+import time
 
 import ray
 
+from sae_ray.actors.ledger import ShardLedger
 from sae_ray.buffer import ActivationBuffer
 
 
-@ray.remote(num_cpus=0, max_restarts=-1)
+def coordinator_name(buffer_path: str) -> str:
+    """The coordinator's actor name for a buffer path."""
+    return "sae-ray-coordinator-" + hashlib.sha1(str(buffer_path).encode()).hexdigest()[:12]
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class BufferCoordinator:
-    def __init__(self, path: str, n_tokens: int, n_producers: int):
-        self.buffer = ActivationBuffer.open(path)
-        self.max_shards = math.ceil(n_tokens / self.buffer.shard_rows)
-        self.n_producers = n_producers
-        self.finished: set[int] = set()
-        committed = self.buffer.committed()
-        self.next_id = max(committed, default=-1) + 1
-        self.claimed: set[int] = set()
+    def __init__(self, path: str, n_tokens: int, n_producers: int, max_gb: float | None = None, min_readers: int = 1):
+        self.ledger = ShardLedger(ActivationBuffer.open(path), n_tokens, n_producers, max_gb, min_readers)
 
-    def claim_shard(self) -> int | None:
-        """A fresh shard id for a producer that holds a full shard in memory; None once enough shards exist."""
-        if len(self.buffer.committed()) + len(self.claimed) >= self.max_shards:
-            return None
-        shard_id = self.next_id
-        self.next_id += 1
-        self.buffer.ensure_capacity(shard_id + 1)
-        self.claimed.add(shard_id)
-        return shard_id
+    def producer_started(self, rank: int, pid: int | None = None) -> int:
+        """A producer (re)starts: its dead attempt's claim is freed; returns the rows it already committed."""
+        return self.ledger.producer_started(rank, pid)
 
-    def commit_shard(self, shard_id: int, n_rows: int) -> None:
+    def claim_shard(self, rank: int) -> int | str | None:
+        """A fresh shard id for a producer that holds a full shard; None once enough shards exist; "wait" while the window is full."""
+        return self.ledger.claim(rank)
+
+    def commit_shard(self, rank: int, shard_id: int, n_rows: int) -> None:
         """The producer has written the shard whole; from now on readers may see it."""
-        self.buffer.commit_shard(shard_id, n_rows)
-        self.claimed.discard(shard_id)
+        self.ledger.commit(rank, shard_id, n_rows)
 
     def producer_finished(self, rank: int) -> None:
-        self.finished.add(rank)
-        if len(self.finished) >= self.n_producers:
-            self.buffer.mark_complete()
+        self.ledger.producer_finished(rank)
+
+    def stop(self) -> None:
+        """No more shards: producers finish after the one they are writing."""
+        self.ledger.stop()
 
     def status(self) -> dict:
-        committed = self.buffer.committed()
-        return {
-            "shards_committed": len(committed),
-            "rows_committed": sum(committed.values()),
-            "shards_in_flight": len(self.claimed),
-            "producers_finished": len(self.finished),
-            "complete": self.buffer.is_complete(),
-        }
+        """Rows and shards committed, recent tokens/s, ETA to buffer.n_tokens, claims, producer pids, own pid."""
+        return {**self.ledger.status(), "pid": os.getpid()}
+
+
+def start_coordinator(path: str, n_tokens: int, n_producers: int, max_gb: float | None = None, min_readers: int = 1):
+    """Start the buffer's named coordinator. An earlier one of the same buffer in this Ray job
+    (a finished or failed run) is killed first: one buffer, one coordinator."""
+    name = coordinator_name(path)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return BufferCoordinator.options(name=name).remote(path, n_tokens, n_producers, max_gb, min_readers)
+        except ValueError:  # the name is taken
+            if time.monotonic() > deadline:
+                raise
+        try:
+            ray.kill(ray.get_actor(name), no_restart=True)
+        except ValueError:
+            pass
+        time.sleep(0.2)
+
+
+def stop_production(path: str, timeout: float = 30) -> None:
+    """Tell the buffer's coordinator to hand out no more shard ids: its producers finish after the
+    shard they hold. For a sweep with a bounded window whose trials are done (nobody will pass
+    the shards still in the window). No coordinator running: nothing to do."""
+    try:
+        coordinator = ray.get_actor(coordinator_name(path))
+    except ValueError:
+        return
+    ray.get(coordinator.stop.remote(), timeout=timeout)

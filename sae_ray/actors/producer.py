@@ -1,13 +1,18 @@
 """ActivationProducer: a model on one device, writing whole shards into the buffer.
 
-A thin shell over `sae_ray.activations.produce.iter_shards`: claim an id from the
-coordinator, write the shard once, commit it.
+A thin shell over `sae_ray.activations.produce.iter_shards` and `ShardWriter`: the forward
+passes fill shards, a background thread claims an id from the coordinator for each, writes it
+once and commits it. When its process dies Ray restarts it (`producers.max_restarts`) and
+retries `run`; `run` asks the coordinator how many rows this rank already committed (read
+from the buffer) and resumes exactly after them.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import time
+from collections.abc import Iterable, Iterator
 
 import ray
 
@@ -16,21 +21,35 @@ from sae_ray.activations.hooks import resolve_hook
 from sae_ray.activations.model import load_model
 from sae_ray.activations.produce import iter_shards
 from sae_ray.activations.text import load_documents
+from sae_ray.actors.writer import ShardWriter
 from sae_ray.buffer import ActivationBuffer
 from sae_ray.config import RunConfig
 from sae_ray.train.loop import pick_device
 
+TEST_DELAY_ENV = "SAE_RAY_TEST_PRODUCER_DELAY_S"
+"""Tests only: seconds slept per document read and between writing and committing each shard,
+so that a kill lands in the middle of a shard."""
+
+
+def _slowed(docs: Iterable[str], delay_s: float) -> Iterator[str]:
+    for doc in docs:
+        time.sleep(delay_s)
+        yield doc
+
 
 @ray.remote
 class ActivationProducer:
-    def __init__(self, cfg: dict, rank: int, world: int, coordinator, skip_rows: int = 0):
+    def __init__(self, cfg: dict, rank: int, world: int, coordinator: str):
+        """coordinator: the BufferCoordinator's actor name (a name, not a handle: Ray restarts an
+        actor only if its constructor arguments are plain values)."""
         self.cfg = RunConfig.model_validate(cfg)
-        self.rank, self.world, self.coordinator = rank, world, coordinator
-        self.skip_rows = skip_rows  # rows this rank committed in an earlier, interrupted run
+        self.rank, self.world, self.coordinator_name = rank, world, coordinator
 
     def run(self) -> dict:
         """Produce until the data ends or the coordinator wants no more shards; returns counts."""
-        cfg = self.cfg
+        cfg, rank = self.cfg, self.rank
+        coordinator = ray.get_actor(self.coordinator_name)
+        skip_rows = ray.get(coordinator.producer_started.remote(rank, os.getpid()))
         device = pick_device(cfg.model.device)
         model, tokenizer = load_model(
             cfg.model.name, cfg.model.revision, cfg.model.dtype, str(device), cfg.model.trust_remote_code
@@ -42,18 +61,28 @@ class ActivationProducer:
         docs = load_documents(resolve_dataset_path(d.path, cfg.workdir_path()), d.text_column, d.split, d.name, streaming=d.streaming,
                               trust_remote_code=cfg.model.trust_remote_code)
         docs = itertools.islice(docs, d.max_documents)
-        mine = itertools.islice(docs, self.rank, None, self.world)
-        rows = shards = 0
-        for shard in iter_shards(model, tokenizer, hooks, mine, d.context_size, d.batch_size,
-                                 cfg.buffer.shard_rows, cfg.buffer.dtype, seed=cfg.train.seed + self.rank,
-                                 rank=self.rank, world=self.world, skip_rows=self.skip_rows):
-            shard_id = ray.get(self.coordinator.claim_shard.remote())
-            if shard_id is None:
-                break
-            buffer.write_shard(shard_id, shard.acts, shard.tokens, shard.doc_index, shard.position)
-            ray.get(self.coordinator.commit_shard.remote(shard_id, len(shard)))
-            rows += len(shard)
-            shards += 1
-        ray.get(self.coordinator.producer_finished.remote(self.rank))
+        mine = itertools.islice(docs, rank, None, self.world)
+        delay = float(os.environ.get(TEST_DELAY_ENV) or 0)
+        if delay:
+            mine = _slowed(mine, delay)
+
+        writer = ShardWriter(
+            write=lambda shard_id, s: buffer.write_shard(shard_id, s.acts, s.tokens, s.doc_index, s.position),
+            claim=lambda: ray.get(coordinator.claim_shard.remote(rank)),
+            commit=lambda shard_id, n: ray.get(coordinator.commit_shard.remote(rank, shard_id, n)),
+            max_queue=cfg.producers.write_queue, delay_s=delay, where=f"producer {rank}, buffer {buffer.path!r}: ",
+        )
+        try:
+            for shard in iter_shards(model, tokenizer, hooks, mine, d.context_size, d.batch_size,
+                                     cfg.buffer.shard_rows, cfg.buffer.dtype, seed=cfg.train.seed + rank,
+                                     rank=rank, world=self.world, skip_rows=skip_rows):
+                if not writer.put(shard):
+                    break
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        ray.get(coordinator.producer_finished.remote(rank))
         seconds = time.perf_counter() - start
-        return {"rank": self.rank, "rows": rows, "shards": shards, "seconds": seconds}
+        return {"rank": rank, "rows": writer.rows, "shards": writer.shards, "seconds": seconds,
+                "resumed_after_rows": skip_rows, "pid": os.getpid()}
