@@ -32,10 +32,10 @@ class SyntheticConfig:
     n_features: int = 512
     """Number of true features (unit directions in d dimensions)."""
 
-    l0: float = 10.0
+    l0: float = 5.0
     """Expected number of features firing per row (the true L0)."""
 
-    prob_ratio: float = 30.0
+    prob_ratio: float = 10.0
     """Firing probability of the most common feature over that of the rarest (log-uniform in between)."""
 
     magnitude: tuple[float, float] = (0.5, 1.5)
@@ -188,11 +188,12 @@ class BenchConfig:
     expansion: float = 2.0
     """d_sae = expansion * n_features."""
 
-    total_tokens: int = 2_048_000
+    total_tokens: int = 1_024_000
     """Training rows per SAE."""
 
-    batch_size: int = 1024
-    """Rows per step."""
+    batch_size: int = 256
+    """Rows per step (smaller than TrainConfig's 4096: more steps in the same time, which
+    these small SAEs need more than big batches)."""
 
     lr: float = 3e-3
     """Adam learning rate (higher than TrainConfig's 3e-4, which is for long runs on real
