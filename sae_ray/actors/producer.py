@@ -48,7 +48,7 @@ class ActivationProducer:
     def run(self) -> dict:
         """Produce until the data ends or the coordinator wants no more shards; returns counts."""
         cfg, rank = self.cfg, self.rank
-        coordinator = ray.get_actor(self.coordinator_name)
+        coordinator = _lookup(self.coordinator_name)
         skip_rows = ray.get(coordinator.producer_started.remote(rank, os.getpid()))
         device = pick_device(cfg.model.device)
         model, tokenizer = load_model(
@@ -86,3 +86,15 @@ class ActivationProducer:
         seconds = time.perf_counter() - start
         return {"rank": rank, "rows": writer.rows, "shards": writer.shards, "seconds": seconds,
                 "resumed_after_rows": skip_rows, "pid": os.getpid()}
+
+
+def _lookup(name: str, timeout: float = 120.0):
+    """The named coordinator; retried because a (re)starting coordinator registers its name a moment later."""
+    start = time.monotonic()
+    while True:
+        try:
+            return ray.get_actor(name)
+        except ValueError:
+            if time.monotonic() - start > timeout:
+                raise
+            time.sleep(0.5)
