@@ -152,6 +152,37 @@ def test_jumprelu_l0_target():
         create_sae([config("jumprelu", l0_target=4.0), config("jumprelu")])
 
 
+def test_jumprelu_dead_latent_losses():
+    x = batch()
+    plain = perturb(create_sae(config("jumprelu", member=2)))
+    assert set(plain(x).aux) == {"l0"}  # both off by default
+
+    cfg = config("jumprelu", member=2, dead_tokens_threshold=64, pre_act_coefficient=2.0,
+                 auxk_coefficient=0.5, k_aux=2)
+    sae = perturb(create_sae(cfg))
+    sae.tokens_since_fired[:3] = 100  # latents 0..2 are dead
+    out = sae(x)
+    pre, theta = sae.pre_acts(x), sae.log_threshold.exp()
+    below = (theta - pre).relu()[:, :3] * sae.W_dec[:3].norm(dim=-1)
+    torch.testing.assert_close(out.aux["pre_act"], 2.0 * below.sum(-1).mean())
+    # AuxK: the 2 largest dead pre-activations of each row reconstruct the residual
+    top = pre[:, :3].topk(2, dim=-1)
+    z = torch.zeros_like(pre).scatter_(-1, top.indices, top.values)
+    e = (x - out.x_hat).detach()
+    torch.testing.assert_close(out.aux["auxk"], 0.5 * (z @ sae.W_dec - e).pow(2).sum(-1).mean())
+
+    # p_act raises the dead latents' z and lowers their θ, and touches no live latent
+    sae.zero_grad()
+    out.aux["pre_act"].backward()
+    assert (sae.b_enc.grad[:3] <= 0).all() and (sae.b_enc.grad[:3] < 0).any()
+    assert (sae.log_threshold.grad[:3] >= 0).all() and (sae.log_threshold.grad[:3] > 0).any()
+    assert (sae.b_enc.grad[3:] == 0).all() and (sae.log_threshold.grad[3:] == 0).all()
+
+    for key in ("pre_act_coefficient", "auxk_coefficient"):
+        with pytest.raises(ValueError, match=key):
+            create_sae(config("jumprelu", **{key: -1.0}))
+
+
 # -- invariants --------------------------------------------------------------------------
 
 
@@ -348,12 +379,13 @@ def test_stack_config_errors():
         create_sae(config("topk")).unstack()
 
 
-def _members(arch: str) -> list[SAE]:
+def _members(arch: str, **extra) -> list[SAE]:
     """Three float64 SAEs with different sparsity, weights and dead latents (none, a
     few, all), so that AuxK runs with different numbers of dead latents per member."""
     saes = []
     for i in range(3):
-        sae = perturb(create_sae(config(arch, member=i, dtype="float64", dead_tokens_threshold=64, k_aux=5)), seed=i)
+        cfg = config(arch, member=i, dtype="float64", dead_tokens_threshold=64, k_aux=5, **extra)
+        sae = perturb(create_sae(cfg), seed=i)
         sae.tokens_since_fired[: [0, 3, 32][i]] = 100
         saes.append(sae)
     return saes
@@ -377,9 +409,11 @@ def _assert_same_state(stack: SAE, saes: list[SAE], grads: bool = False):
         torch.testing.assert_close(getattr(stack, name), torch.stack([getattr(s, name) for s in saes]), msg=name)
 
 
-@pytest.mark.parametrize("arch", ALL)
-def test_stack_equals_separate(arch):
-    saes = _members(arch)
+# JumpReLU again with both optional dead-latent losses on (per-member coefficients)
+@pytest.mark.parametrize("arch,extra", [(a, {}) for a in ALL] + [
+    ("jumprelu", {"auxk_coefficient": 0.5, "pre_act_coefficient": 0.3})], ids=ALL + ["jumprelu-dead-losses"])
+def test_stack_equals_separate(arch, extra):
+    saes = _members(arch, **extra)
     stack = SAE.stack(saes)
     assert stack.n_stack == 3 and [c.__dict__ for c in stack.cfgs] == [s.cfg.__dict__ for s in saes]
     _assert_same_state(stack, saes)
@@ -410,7 +444,7 @@ def test_stack_equals_separate(arch):
         stack_opt.step()
         stack.post_step()
         _assert_same_state(stack, saes)  # includes tokens_since_fired and BatchTopK's θ
-    assert dead_seen or arch not in K_ARCHS
+    assert dead_seen or (arch not in K_ARCHS and not extra)
 
     x = batch(24, seed=9, dtype=torch.float64)
     for s in (*saes, stack):

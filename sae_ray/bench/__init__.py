@@ -20,6 +20,8 @@ def cmd_bench_synthetic(args) -> int:
                               correlation=args.correlation, hierarchy=args.hierarchy, seed=args.seed)
     bench = BenchConfig(expansion=args.expansion, total_tokens=args.tokens, batch_size=args.batch_size, lr=args.lr,
                         search=args.search, eval_rows=args.eval_rows, device=args.device, seed=args.seed)
+    if args.literature_defaults:
+        bench.sae_extra = {}
     data = SyntheticActivations(problem)
     print(f"synthetic: d={problem.d}, n_features={problem.n_features}, true L0={data.true_l0:.2f}, "
           f"firing probability {data.probs.min():.2g}..{data.probs.max():.2g} (log-uniform), "
@@ -27,6 +29,8 @@ def cmd_bench_synthetic(args) -> int:
     print(f"each SAE: d_sae={round(bench.expansion * problem.n_features)}, {bench.total_tokens:,} tokens in batches of "
           f"{bench.batch_size}, lr {bench.lr:g} (other TrainConfig fields: defaults); scored on "
           f"{bench.eval_rows:,} fresh rows")
+    extras = "; ".join(f"{a} {e}" for a, e in bench.sae_extra.items()) or "none (each architecture's defaults)"
+    print(f"SAE extras: dead_tokens_threshold {bench.dead_tokens_threshold:,}; {extras}")
     rows = run_synthetic(problem, bench, _names(args.architectures))
     print()
     print(format_table(rows))
@@ -72,6 +76,9 @@ def add_bench_commands(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--eval-rows", type=int, default=b.eval_rows, help=f"fresh rows for scoring (default {b.eval_rows:,})")
     s.add_argument("--device", default=b.device, help=f"'cpu', 'cuda' or 'auto' (default {b.device})")
     s.add_argument("--seed", type=int, default=p.seed, help="seed of the problem and of the SAEs' init (default 0)")
+    s.add_argument("--literature-defaults", action="store_true",
+                   help="train each architecture with its own defaults (AuxK, JumpReLU ε and θ) instead of the "
+                        "short-run settings of sae_ray.bench.synthetic.SAE_EXTRA")
     s.set_defaults(fn=cmd_bench_synthetic)
 
     t = sub.add_parser("train", help="training-step speed against matmul speed; a stack of SAEs against separate ones")

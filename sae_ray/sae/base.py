@@ -198,6 +198,42 @@ class SAE(nn.Module):
             threshold = threshold.unsqueeze(-1)
         return self.tokens_since_fired >= threshold
 
+    def init_auxk(self, default_coefficient: float) -> None:
+        """Set up the AuxK dead-latent loss (`auxk_loss`) from cfg.extra: "k_aux" (default
+        d_in // 2, one value per stack) and "auxk_coefficient" (per member; 0 turns it off)."""
+        self.k_aux = max(1, int(self.same_extra("k_aux", self.cfg.d_in // 2)))
+        coefficients = [float(v) for v in self.each_extra("auxk_coefficient", default_coefficient)]
+        for v in coefficients:
+            if not v >= 0:
+                raise ValueError(f"SAEConfig.extra['auxk_coefficient']: {v!r}; expected a number >= 0")
+        self.auxk_on = any(v > 0 for v in coefficients)
+        self.hyper("auxk_coefficient", coefficients)
+
+    def auxk_loss(self, x: Tensor, pre: Tensor, x_hat: Tensor) -> Tensor:
+        """Weighted AuxK (Gao et al. 2024), scalar ([K] for a stack); zero while no latent is dead.
+
+            e     = x - x_hat                                     (detached)
+            z     = TopK_{k_aux}(pre restricted to dead latents)  [(K,) B, d_sae]
+            auxk  = auxk_coefficient * min(n_dead / k_aux, 1) * mean_b ||z @ W_dec - e||^2
+
+        The dead latents learn to explain what the live ones miss; it uses their raw
+        pre-activations, so latents stuck below zero (or below a threshold) still get a
+        gradient. x [B, d_in]; pre [(K,) B, d_sae]; x_hat [(K,) B, d_in]. Needs `init_auxk`.
+        """
+        dead = self.dead_mask.unsqueeze(-2)  # [(K,) 1, d_sae]
+        n_dead = dead.sum((-2, -1))  # [(K,)]
+        most = int(n_dead.max())
+        if most == 0:
+            return x_hat.new_zeros(self.shape())
+        top = pre.masked_fill(~dead, -torch.inf).topk(min(self.k_aux, most), dim=-1, sorted=False)
+        # a member with fewer dead latents than that picked some live ones (at -inf): drop them
+        values = top.values.masked_fill(top.values == -torch.inf, 0)
+        z = torch.zeros_like(pre).scatter_(-1, top.indices, values)
+        e = (x - x_hat).detach()
+        auxk = (z @ self.W_dec - e).pow(2).sum(-1).mean(-1)
+        scale = (n_dead.to(auxk.dtype) / self.k_aux).clamp(max=1.0)
+        return self.auxk_coefficient * scale * auxk
+
     # -- optimizer hooks --------------------------------------------------
 
     @torch.no_grad()

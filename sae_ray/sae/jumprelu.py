@@ -58,8 +58,9 @@ class JumpReLUSAE(SAE):
         f     = z * H(z - θ)                                [B, d_sae]   θ = exp(log_threshold)
         x_hat = f @ W_dec + b_dec                           [B, d_in]
         l0    = mean_b sum_i H(z_i - θ_i)
-        loss  = mean_b ||x_hat - x||^2 + sparsity_scale * λ * l0                 λ = l0_coefficient
-           or   mean_b ||x_hat - x||^2 + sparsity_scale * λ * (l0 / l0_target - 1)^2
+        p_act = c * mean_b sum_{i dead} ReLU(θ_i - z_i) * ||W_dec_i||     c = pre_act_coefficient
+        loss  = mean_b ||x_hat - x||^2 + sparsity_scale * λ * l0 + p_act + auxk    λ = l0_coefficient
+           or   mean_b ||x_hat - x||^2 + sparsity_scale * λ * (l0 / l0_target - 1)^2 + p_act + auxk
 
     H has no useful derivative, so θ learns through straight-through estimators with
     the rectangle kernel K(u) = 1[|u| < 1/2] of bandwidth ε:
@@ -67,9 +68,19 @@ class JumpReLUSAE(SAE):
     ∂f/∂z = H(z - θ) and no L0 gradient to z. They are the exact derivatives of the
     objective with the jump smoothed over a window of width ε around θ.
 
+    A latent whose z never reaches θ gets no gradient at all, so it stays dead. Two
+    optional dead-latent losses, both off by default as in Gemma Scope: the pre-activation
+    loss p_act above (Anthropic, "Circuits Updates", January 2025; SAELens's
+    `pre_act_loss_coefficient`), which pulls the z of dead latents (`SAE.dead_mask`) up to θ
+    until they fire again; and TopK's AuxK (`SAE.auxk_loss`), which trains them to explain
+    the residual. On the synthetic benchmark only AuxK brings JumpReLU to the true features.
+
     Knobs in `cfg.extra`: "bandwidth" ε (default 0.001), "threshold_init" (default
-    0.001), "l0_target" (optional; all members of a stack or none). Both defaults
-    assume inputs scaled to E||x||^2 = d_in, as Gemma Scope. θ stays in float32 (or
+    0.001), "l0_target" (optional; all members of a stack or none), "pre_act_coefficient"
+    c (default 0: off), "auxk_coefficient" (default 0: off) and "k_aux", and
+    "dead_tokens_threshold". The ε and θ defaults are Gemma Scope's and assume inputs
+    scaled to E||x||^2 = d_in; on short runs a wider ε (0.05) and θ near the noise level
+    of z (1.0) learn far better (see `sae-ray bench synthetic`). θ stays in float32 (or
     wider) inside the estimators, but under bf16 autocast z itself is rounded to ~0.4%
     of |z|, coarser than ε = 0.001 near |z| ~ 1: the kernel then catches few points,
     so train without autocast or with a wider bandwidth. θ moves by about lr (relative)
@@ -94,6 +105,10 @@ class JumpReLUSAE(SAE):
             value = cfg.extra.get(key, default)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
                 raise ValueError(f"SAEConfig.extra[{key!r}]: {value!r}; expected a number > 0")
+        for key in ("pre_act_coefficient", "auxk_coefficient"):
+            value = cfg.extra.get(key, 0.0)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
+                raise ValueError(f"SAEConfig.extra[{key!r}]: {value!r}; expected a number >= 0")
 
     def __init__(self, cfg: SAEConfig | list[SAEConfig]):
         super().__init__(cfg)
@@ -102,6 +117,10 @@ class JumpReLUSAE(SAE):
         self.log_threshold = nn.Parameter(log_threshold[0].clone() if self.n_stack is None else log_threshold.clone())
         self.hyper("l0_coefficient", [c.l0_coefficient for c in self.cfgs])
         self.hyper("bandwidth", [float(v) for v in self.each_extra("bandwidth", 0.001)])
+        self.init_auxk(default_coefficient=0.0)
+        pre_act = [float(v) for v in self.each_extra("pre_act_coefficient", 0.0)]
+        self.pre_act_on = any(v > 0 for v in pre_act)
+        self.hyper("pre_act_coefficient", pre_act)
         targets = self.each_extra("l0_target", None)
         if len({t is None for t in targets}) > 1:
             raise ValueError(
@@ -129,12 +148,21 @@ class JumpReLUSAE(SAE):
         return JumpReLUFunction.apply(pre, theta, eps)
 
     def aux_losses(self, x: Tensor, pre: Tensor, f: Tensor, x_hat: Tensor) -> dict[str, Tensor]:
-        """{"l0": the weighted L0 penalty}; pre [(K,) B, d_sae]."""
+        """{"l0": the weighted L0 penalty, "pre_act" and "auxk": the dead-latent losses (each
+        only when its coefficient is set)}; pre [(K,) B, d_sae]; each scalar ([K] for a stack)."""
         theta, eps = self._theta_eps()
         l0 = StepFunction.apply(pre, theta, eps).sum(-1).mean(-1)
         if self.l0_target is not None:
             l0 = (l0 / self.l0_target - 1).pow(2)
-        return {"l0": self.sparsity_scale * self.l0_coefficient * l0}
+        losses = {"l0": self.sparsity_scale * self.l0_coefficient * l0}
+        if self.pre_act_on:
+            # weight [(K,) 1, d_sae]: ||W_dec_i|| for dead latents, 0 for live ones
+            weight = (self.W_dec.norm(dim=-1) * self.dead_mask).unsqueeze(-2)
+            below = (theta - pre).relu()
+            losses["pre_act"] = self.pre_act_coefficient * (below * weight).sum(-1).mean(-1)
+        if self.auxk_on:
+            losses["auxk"] = self.auxk_loss(x, pre, x_hat)
+        return losses
 
     def saved_tensors(self) -> dict[str, Tensor]:
         """The state_dict with `threshold` = exp(log_threshold) in place of log_threshold."""

@@ -70,8 +70,7 @@ class TopKSAE(SAE):
             self.k = ks[0]
         else:
             self.hyper("k", ks, torch.long)
-        self.k_aux = max(1, int(self.same_extra("k_aux", self.cfg.d_in // 2)))
-        self.hyper("auxk_coefficient", [float(v) for v in self.each_extra("auxk_coefficient", 1 / 32)])
+        self.init_auxk(default_coefficient=1 / 32)
 
     def activation(self, pre: Tensor) -> Tensor:
         """[(K,) B, d_sae] -> same: ReLU of the k largest entries per row, zeros elsewhere."""
@@ -81,19 +80,3 @@ class TopKSAE(SAE):
     def aux_losses(self, x: Tensor, pre: Tensor, f: Tensor, x_hat: Tensor) -> dict[str, Tensor]:
         """{"auxk": ...} (zero while no latent is dead). x [B, d_in]; pre, f [(K,) B, d_sae]."""
         return {"auxk": self.auxk_loss(x, pre, x_hat)}
-
-    def auxk_loss(self, x: Tensor, pre: Tensor, x_hat: Tensor) -> Tensor:
-        """Weighted AuxK, scalar ([K] for a stack). x [B, d_in]; pre [(K,) B, d_sae]; x_hat [(K,) B, d_in]."""
-        dead = self.dead_mask.unsqueeze(-2)  # [(K,) 1, d_sae]
-        n_dead = dead.sum((-2, -1))  # [(K,)]
-        most = int(n_dead.max())
-        if most == 0:
-            return x_hat.new_zeros(self.shape())
-        top = pre.masked_fill(~dead, -torch.inf).topk(min(self.k_aux, most), dim=-1, sorted=False)
-        # a member with fewer dead latents than that picked some live ones (at -inf): drop them
-        values = top.values.masked_fill(top.values == -torch.inf, 0)
-        z = torch.zeros_like(pre).scatter_(-1, top.indices, values)
-        e = (x - x_hat).detach()
-        auxk = (z @ self.W_dec - e).pow(2).sum(-1).mean(-1)
-        scale = (n_dead.to(auxk.dtype) / self.k_aux).clamp(max=1.0)
-        return self.auxk_coefficient * scale * auxk
