@@ -177,7 +177,7 @@ TARGET_ARCHITECTURES = ("topk", "batchtopk", "jumprelu")
 TARGET_RECOVERY = 0.9
 TARGET_L0 = 0.25
 
-START_COEFFICIENTS = {"standard": 4.0, "gated": 4.0, "jumprelu": 1.5}
+START_COEFFICIENTS = {"standard": 5.0, "gated": 4.0, "jumprelu": 1.0}
 """First coefficient tried for coefficient-based architectures (others: 1.0): where earlier
 runs of the default problem found L0 near the true L0, so the search needs fewer runs."""
 
