@@ -89,6 +89,7 @@ class SweepConfig(Section):
     l0_coefficient: list[float] | None = Field(None, description="L0 sparsity coefficients (jumprelu).")
     k: list[int] | None = Field(None, description="Active latents per token (topk, batchtopk, matryoshka).")
     max_stack: int = Field(8, gt=0, description="Most SAEs of one architecture and shape trained together in one trial (a stack; 1 = one SAE per trial).")
+    extra: dict[str, dict[str, Any]] = Field({}, description="Architecture knobs by architecture, kept in each SAE's cfg.extra, e.g. {jumprelu: {bandwidth: 0.05}, topk: {k_aux: 256}}; each architecture's `knobs` lists what it reads.")
 
 
 class TrainConfig(Section):
@@ -224,6 +225,14 @@ def _rule_problems(cfg: dict[str, Any], sections: dict[str, BaseModel]) -> list[
                 too_big = [k for k in values if k >= min(sweep.d_sae)]
                 if too_big:
                     problems.append(f"sae.k: value {too_big!r}: k must be < d_sae (smallest d_sae is {min(sweep.d_sae)})")
+        for arch, knobs in sweep.extra.items():
+            if arch not in sweep.architectures:
+                problems.append(f"sae.extra: key {arch!r}: not one of sae.architectures {sweep.architectures!r}")
+            elif arch in ARCHITECTURES:
+                accepted = ARCHITECTURES[arch].knobs
+                for key in knobs:
+                    if key not in accepted:
+                        problems.append(f"sae.extra.{arch}: key {key!r}: unknown for {arch}; accepted: {sorted(accepted)}")
     for i, hook in enumerate(sections.get("hooks") or []):
         if hook.module is None and (hook.layer is None or hook.site is None):
             problems.append(f"hooks[{i}]: value {hook.model_dump(exclude_none=True)!r}: give layer and site, or module")
@@ -235,14 +244,26 @@ def _rule_problems(cfg: dict[str, Any], sections: dict[str, BaseModel]) -> list[
     return problems
 
 
-def check_k_against_width(cfg: RunConfig, d_in: int) -> list[str]:
-    """Once d_in is known: every k must be below every d_sae it is paired with."""
+def check_trials(cfg: RunConfig, d_in: int) -> list[str]:
+    """Once d_in is known: every k must be below every d_sae it is paired with, and each
+    architecture must accept its trials' configs with their `sae.extra` knobs."""
+    from sae_ray.sae import ARCHITECTURES, SAEConfig
+
     problems = []
     for trial in expand_sweep(cfg.sae, d_in):
+        arch = trial["architecture"]
         if trial.get("k") is not None and trial["k"] >= trial["d_sae"]:
             problems.append(
-                f"sae.k: value {trial['k']}: must be < d_sae ({trial['d_sae']} = expansion_factor x d_in {d_in}) for {trial['architecture']}"
+                f"sae.k: value {trial['k']}: must be < d_sae ({trial['d_sae']} = expansion_factor x d_in {d_in}) for {arch}"
             )
+            continue
+        knobs = cfg.sae.extra.get(arch, {})
+        param = _sparsity_param(arch)
+        try:
+            ARCHITECTURES[arch].check_config(
+                SAEConfig(arch, d_in, trial["d_sae"], extra=dict(knobs), **{param: trial[param]}))
+        except ValueError as e:
+            problems.append(f"sae.extra.{arch}: value {knobs!r}: {e}")
     return sorted(set(problems))
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from sae_ray.config import ConfigError, RunConfig, check_k_against_width, expand_sweep
+from sae_ray.config import ConfigError, RunConfig, check_trials, expand_sweep
 
 
 @dataclass
@@ -76,7 +76,7 @@ def preflight(cfg: RunConfig, check_data: bool = True, check_buffer: bool = True
         if resolved:
             hooks = _hook_widths(model, config, resolved)
         if hooks:
-            problems += check_k_against_width(cfg, min(hooks.values()))
+            problems += check_trials(cfg, min(hooks.values()))
         tok = getattr(config, "vocab_size", None)
         fingerprint = {
             "model": cfg.model.name,

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sae_ray.config import ConfigError, apply_overrides, expand_sweep, load_config, validate_config
+from sae_ray.config import ConfigError, apply_overrides, check_trials, expand_sweep, load_config, validate_config
+from sae_ray.sweep.trainable import sae_configs
 
 BASE = {
     "model": {"name": "some/model"},
@@ -51,6 +52,30 @@ def test_k_not_below_d_sae_is_an_error():
     raw = with_sae(architectures=["topk"], expansion_factor=None, d_sae=[64], k=[8, 64])
     problems = problems_of(raw)
     assert any("sae.k" in p and "64" in p and "d_sae" in p for p in problems), problems
+
+
+def test_sae_extra_reaches_each_sae_and_is_checked():
+    raw = with_sae(architectures=["jumprelu", "topk"], l0_coefficient=[1.0], k=[8],
+                   extra={"jumprelu": {"bandwidth": 0.05, "auxk_coefficient": 1.0}, "topk": {"k_aux": 16}})
+    cfg = validate_config(raw)
+    trials = [{**t, "hook": "blocks.1.hook_resid_post"} for t in expand_sweep(cfg.sae, d_in=32)]
+    assert check_trials(cfg, d_in=32) == []
+    (jump,), (topk,) = sae_configs([trials[0]], cfg, 32), sae_configs([trials[1]], cfg, 32)
+    assert jump.extra["bandwidth"] == 0.05 and jump.extra["auxk_coefficient"] == 1.0
+    assert topk.extra["k_aux"] == 16 and "bandwidth" not in topk.extra
+    assert jump.extra["dead_tokens_threshold"] == cfg.train.dead_tokens
+
+    # a knob for an architecture not swept, and a misspelt one: found with the config alone
+    problems = problems_of(with_sae(architectures=["jumprelu"], l0_coefficient=[1.0],
+                                    extra={"gated": {"bandwidth": 1}, "jumprelu": {"bandwith": 0.05}}))
+    assert any(p.startswith("sae.extra: key 'gated'") for p in problems), problems
+    assert any(p.startswith("sae.extra.jumprelu: key 'bandwith'") and "'bandwidth'" in p for p in problems), problems
+
+    # a bad value: found once d_in is known (preflight, before Ray starts)
+    bad = validate_config(with_sae(architectures=["jumprelu"], l0_coefficient=[1.0],
+                                   extra={"jumprelu": {"bandwidth": -1.0}}))
+    (problem,) = check_trials(bad, d_in=32)
+    assert problem.startswith("sae.extra.jumprelu: value {'bandwidth': -1.0}") and "bandwidth" in problem
 
 
 def test_unknown_architecture_lists_valid_ones():

@@ -65,6 +65,8 @@ class SAE(nn.Module):
     default_dead_tokens_threshold: ClassVar[int] = 10_000_000
     adam_betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
     """Adam betas the training loop uses for this architecture unless told otherwise."""
+    knobs: ClassVar[tuple[str, ...]] = ("dead_tokens_threshold", "decoder_init_norm")
+    """The cfg.extra keys this architecture reads (a sweep's `sae.extra` may set only these)."""
     saved_architecture: ClassVar[str | None] = None
     """The architecture cfg.json names for SAELens when it is not `architecture`
     (BatchTopK is saved as "jumprelu"); our own name is kept in cfg.json's "sae_ray"."""
@@ -198,14 +200,21 @@ class SAE(nn.Module):
             threshold = threshold.unsqueeze(-1)
         return self.tokens_since_fired >= threshold
 
+    @staticmethod
+    def check_auxk_config(cfg: SAEConfig) -> None:
+        """Raise ValueError, naming the key, if cfg.extra's "k_aux" or "auxk_coefficient" is bad."""
+        k_aux = cfg.extra.get("k_aux", 1)
+        if not isinstance(k_aux, int) or isinstance(k_aux, bool) or k_aux < 1:
+            raise ValueError(f"SAEConfig.extra['k_aux']: {k_aux!r}; expected an integer >= 1")
+        value = cfg.extra.get("auxk_coefficient", 0.0)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
+            raise ValueError(f"SAEConfig.extra['auxk_coefficient']: {value!r}; expected a number >= 0")
+
     def init_auxk(self, default_coefficient: float) -> None:
         """Set up the AuxK dead-latent loss (`auxk_loss`) from cfg.extra: "k_aux" (default
         d_in // 2, one value per stack) and "auxk_coefficient" (per member; 0 turns it off)."""
         self.k_aux = max(1, int(self.same_extra("k_aux", self.cfg.d_in // 2)))
         coefficients = [float(v) for v in self.each_extra("auxk_coefficient", default_coefficient)]
-        for v in coefficients:
-            if not v >= 0:
-                raise ValueError(f"SAEConfig.extra['auxk_coefficient']: {v!r}; expected a number >= 0")
         self.auxk_on = any(v > 0 for v in coefficients)
         self.hyper("auxk_coefficient", coefficients)
 

@@ -30,6 +30,7 @@ class BatchTopKSAE(TopKSAE):
 
     architecture = "batchtopk"
     saved_architecture = "jumprelu"
+    knobs = (*TopKSAE.knobs, "topk_threshold_lr")
 
     def __init__(self, cfg: SAEConfig | list[SAEConfig]):
         super().__init__(cfg)

@@ -94,6 +94,7 @@ class JumpReLUSAE(SAE):
     sparsity_param = "l0_coefficient"
     unit_norm_decoder = True
     adam_betas = (0.0, 0.999)
+    knobs = (*SAE.knobs, "bandwidth", "threshold_init", "l0_target", "pre_act_coefficient", "k_aux", "auxk_coefficient")
 
     @classmethod
     def check_config(cls, cfg: SAEConfig) -> None:
@@ -105,10 +106,10 @@ class JumpReLUSAE(SAE):
             value = cfg.extra.get(key, default)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
                 raise ValueError(f"SAEConfig.extra[{key!r}]: {value!r}; expected a number > 0")
-        for key in ("pre_act_coefficient", "auxk_coefficient"):
-            value = cfg.extra.get(key, 0.0)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
-                raise ValueError(f"SAEConfig.extra[{key!r}]: {value!r}; expected a number >= 0")
+        value = cfg.extra.get("pre_act_coefficient", 0.0)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
+            raise ValueError(f"SAEConfig.extra['pre_act_coefficient']: {value!r}; expected a number >= 0")
+        cls.check_auxk_config(cfg)
 
     def __init__(self, cfg: SAEConfig | list[SAEConfig]):
         super().__init__(cfg)

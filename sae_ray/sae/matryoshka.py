@@ -35,6 +35,7 @@ class MatryoshkaSAE(BatchTopKSAE):
     """
 
     architecture = "matryoshka"
+    knobs = (*BatchTopKSAE.knobs, "matryoshka_prefixes")
 
     @classmethod
     def check_config(cls, cfg: SAEConfig) -> None:

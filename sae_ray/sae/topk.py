@@ -50,6 +50,7 @@ class TopKSAE(SAE):
     architecture = "topk"
     sparsity_param = "k"
     unit_norm_decoder = True
+    knobs = (*SAE.knobs, "k_aux", "auxk_coefficient")
 
     @classmethod
     def check_config(cls, cfg: SAEConfig) -> None:
@@ -58,6 +59,7 @@ class TopKSAE(SAE):
                 f"SAEConfig.k: {cfg.k!r}; the {cls.architecture} architecture needs an integer "
                 f"in [1, d_sae={cfg.d_sae}]"
             )
+        cls.check_auxk_config(cfg)
 
     def __init__(self, cfg: SAEConfig | list[SAEConfig]):
         super().__init__(cfg)

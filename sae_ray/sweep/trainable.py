@@ -48,7 +48,7 @@ def sae_configs(stack: list[dict[str, Any]], cfg: RunConfig, d_in: int) -> list[
             **{p: t[p] for p in SPARSITY_PARAMS if t.get(p) is not None},
             model_name=cfg.model.name, hook_name=t["hook"], hook_layer=t.get("hook_layer", -1),
             context_size=cfg.data.context_size, dataset_path=cfg.data.path,
-            extra={"dead_tokens_threshold": cfg.train.dead_tokens},
+            extra={"dead_tokens_threshold": cfg.train.dead_tokens, **cfg.sae.extra.get(t["architecture"], {})},
         )
         for t in stack
     ]
