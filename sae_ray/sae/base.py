@@ -187,7 +187,9 @@ class SAE(nn.Module):
         """After a training forward pass: pre, f [B, d_sae] ([K, B, d_sae] for a stack).
         Counts firing; subclasses add their running statistics."""
         self.tokens_since_fired += f.shape[-2]
-        self.tokens_since_fired.masked_fill_((f != 0).any(dim=-2), 0)
+        # two reductions instead of (f != 0).any(-2): no [(K,) B, d_sae] bool temporary, ~5x faster on CPU
+        fired = (f.amax(dim=-2) > 0) | (f.amin(dim=-2) < 0)
+        self.tokens_since_fired.masked_fill_(fired, 0)
 
     # -- dead latents -----------------------------------------------------
 
