@@ -15,6 +15,7 @@ from sae_ray.eval import evaluate_sae
 from sae_ray.formats.saelens import CFG_FILENAME, WEIGHTS_FILENAME
 from sae_ray.sae import ARCHITECTURES, SAE, SAEConfig, create_sae, load_sae_dir
 from sae_ray.sae.jumprelu import JumpReLUFunction, JumpReLUSAE, StepFunction
+from sparse_rows import sparse_data
 
 ALL = ["standard", "topk", "batchtopk", "jumprelu", "gated", "matryoshka"]
 UNIT_NORM = ["topk", "batchtopk", "jumprelu", "gated", "matryoshka"]
@@ -633,15 +634,6 @@ def test_shapes_and_nonnegative_latents(arch, n_stack, b, d_in, d_sae, training,
 # -- training ----------------------------------------------------------------------------
 
 
-def sparse_data(n: int, seed: int, d_in: int = 32, n_feat: int = 48, p: float = 0.06) -> torch.Tensor:
-    """x = sparse non-negative codes @ a fixed random dictionary, scaled, plus an offset."""
-    D = torch.randn(n_feat, d_in, generator=torch.Generator().manual_seed(1234))
-    D /= D.norm(dim=1, keepdim=True)
-    g = torch.Generator().manual_seed(seed)
-    codes = (torch.rand(n, n_feat, generator=g) < p) * (torch.rand(n, n_feat, generator=g) + 0.5)
-    return codes @ D * 4 + 1.0
-
-
 # config, and the most FVU and L0 after 300 steps (measured, with a margin); JumpReLU
 # thresholds learn slowly (log θ, as Gemma Scope), so it gets a wide kernel and a high θ_0
 TRAIN = {
@@ -658,7 +650,7 @@ def train(cfg: SAEConfig, steps: int = 300) -> tuple[SAE, dict, dict]:
     """`steps` Adam steps of 256 rows (lr 3e-3, the architecture's betas); the SAE and
     its figures on held-out rows before and after."""
     torch.manual_seed(0)
-    x, x_test = sparse_data(256 * steps, seed=0), sparse_data(2000, seed=1)
+    x, x_test = sparse_data(256 * steps, seed=0, n_feat=48, p=0.06), sparse_data(2000, seed=1, n_feat=48, p=0.06)
     sae = create_sae(cfg)
     with torch.no_grad():
         sae.b_dec.copy_(x[:2000].mean(0))
@@ -689,7 +681,7 @@ def test_jumprelu_l0_penalty_lowers_l0():
 
 def test_training_a_stack():
     torch.manual_seed(0)
-    x, x_test = sparse_data(256 * 200, seed=0), sparse_data(2000, seed=1)
+    x, x_test = sparse_data(256 * 200, seed=0, n_feat=48, p=0.06), sparse_data(2000, seed=1, n_feat=48, p=0.06)
     stack = create_sae([SAEConfig("batchtopk", 32, 64, k=k) for k in (2, 4, 8)])
     with torch.no_grad():
         stack.b_dec.copy_(x[:2000].mean(0).expand(3, -1))

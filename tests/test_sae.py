@@ -25,6 +25,7 @@ from sae_ray.sae import (
 )
 from sae_ray.sae.standard import StandardSAE
 from sae_ray.sae.topk import TopKSAE
+from sparse_rows import sparse_data
 
 
 
@@ -242,15 +243,6 @@ def test_standard_needs_l1_coefficient():
 
 
 # -- training --------------------------------------------------------------
-
-
-def sparse_data(n: int, seed: int, d_in: int = 32, n_feat: int = 32, p: float = 0.05) -> torch.Tensor:
-    """x = sparse non-negative codes @ a fixed random dictionary, scaled, plus an offset."""
-    D = torch.randn(n_feat, d_in, generator=torch.Generator().manual_seed(1234))
-    D /= D.norm(dim=1, keepdim=True)
-    g = torch.Generator().manual_seed(seed)
-    codes = (torch.rand(n, n_feat, generator=g) < p) * (torch.rand(n, n_feat, generator=g) + 0.5)
-    return codes @ D * 4 + 1.0
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ from sae_ray.train import loop
 from sae_ray.train.init import expected_norm_scale, geometric_median
 from sae_ray.train.loop import train_sae
 from sae_ray.train.optim import Adam, clip_grad_norm_, lr_factor, sparsity_factor
+from sparse_rows import sparse_data
 
 D_IN, D_SAE = 32, 64
 
@@ -34,15 +35,6 @@ def make_stack(cfgs: list[SAEConfig]) -> SAE:
     if not hasattr(SAE, "unstack"):
         pytest.skip("SAE stacks not available in this tree")
     return ARCHITECTURES[cfgs[0].architecture](cfgs)
-
-
-def sparse_data(n: int, seed: int, scale: float = 4.0, offset: float = 1.0, p: float = 0.05) -> torch.Tensor:
-    """[n, D_IN]: sparse non-negative codes @ a fixed random unit dictionary of 32 atoms, scaled, plus an offset."""
-    D = torch.randn(32, D_IN, generator=torch.Generator().manual_seed(1234))
-    D /= D.norm(dim=1, keepdim=True)
-    g = torch.Generator().manual_seed(seed)
-    codes = (torch.rand(n, 32, generator=g) < p) * (torch.rand(n, 32, generator=g) + 0.5)
-    return codes @ D * scale + offset
 
 
 def quick(**kw) -> TrainConfig:
