@@ -72,7 +72,7 @@ class SAEConfig:
     extra: dict = field(default_factory=dict)
     """Anything else kept in cfg.json: architecture knobs (e.g. "dead_tokens_threshold",
     "k_aux", "auxk_coefficient", "decoder_init_norm", "bandwidth", "prepend_bos"; each
-    architecture's docstring lists its own) and training figures."""
+    architecture's `knobs` names its own, its docstring explains them) and training figures."""
 
     def __post_init__(self) -> None:
         # plain Python numbers, so that cfg.json can be written (sweeps may hand in numpy ints)
