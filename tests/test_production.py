@@ -179,6 +179,19 @@ def test_a_rebuilt_ledger_carries_on_from_the_buffer(tmp_path):
     assert committed_rows_by_rank(buf, 3) == [4, 2, 0]
 
 
+def test_a_crash_between_commit_and_clearing_the_claim_leaves_no_stale_claim(tmp_path):
+    buf = make_buffer(tmp_path / "b")
+    ledger = ShardLedger(buf, n_tokens=3 * 4, n_producers=2)  # at most 3 shards
+    assert (ledger.claim(0), ledger.claim(1)) == (0, 1)
+    write(buf, 0, 0, 4)
+    buf.commit_shard(0, 4)  # the coordinator died here: committed, but rank 0's claim on 0 still recorded
+    assert buf.production()["claims"] == {"0": 0, "1": 1}
+
+    again = ShardLedger(ActivationBuffer.open(buf.path), n_tokens=3 * 4, n_producers=2)
+    assert again.status()["claims"] == {1: 1}  # the committed shard is not also shown as claimed
+    assert again.claim(0) == 2 and again.claims == {0: 2, 1: 1}  # ids stay fresh
+
+
 def test_bounded_window_waits_for_every_reader_and_drops_what_all_have_passed(tmp_path):
     buf = make_buffer(tmp_path / "b", shard_rows=4, d=64)
     ledger = ShardLedger(buf, n_tokens=1000, n_producers=2, max_gb=1e-9, min_readers=2)  # 1 byte: one shard fills it

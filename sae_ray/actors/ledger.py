@@ -71,11 +71,13 @@ class ShardLedger:
         self.max_bytes = None if max_gb is None else max_gb * 1e9
         self.min_readers = max(1, min_readers)
         self.production = buffer.production()
-        self.claims: dict[int, int] = {int(r): int(s) for r, s in self.production.get("claims", {}).items()}
         self.finished: set[int] = {int(r) for r in self.production.get("finished", [])}
         self.dropped_ranks = dropped_ranks(buffer)
         self.committed = buffer.committed()  # live shards
         self.dropped = buffer.dropped()
+        # a crash between `commit_shard` and clearing the claim leaves a claim on a committed shard: drop it
+        self.claims: dict[int, int] = {int(r): int(s) for r, s in self.production.get("claims", {}).items()
+                                       if int(s) not in self.committed and int(s) not in self.dropped}
         self.next_id = max([buffer.capacity_rows() // buffer.shard_rows, *(s + 1 for s in self.committed),
                             *(s + 1 for s in self.dropped), *(s + 1 for s in self.claims.values())])
         self.pids: dict[int, int] = {}
