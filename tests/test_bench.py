@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 import re
 
 import pytest
@@ -19,12 +18,6 @@ from sae_ray.bench.synthetic import (
     recovery,
     run_synthetic,
     train_one,
-)
-from sae_ray.train.loop import train_sae
-
-NEW_TRAIN_SAE = "train" in inspect.signature(train_sae).parameters
-needs_new_train_sae = pytest.mark.skipif(
-    not NEW_TRAIN_SAE, reason="train_sae still has its old signature (total_tokens, lr, ...); the bench needs train_sae(sae, batches, train: TrainConfig)"
 )
 
 
@@ -154,7 +147,6 @@ def test_coefficient_search_moves_toward_the_target():
     assert _next_coefficient([(1.0, 40.0), (9.0, 0.0)], target=10.0) == pytest.approx(3.0)
 
 
-@needs_new_train_sae
 def test_topk_recovers_the_features_of_a_small_problem():
     problem = SyntheticConfig(d=32, n_features=128, l0=5.0, prob_ratio=10.0, seed=1)
     bench = BenchConfig(total_tokens=600 * 512, batch_size=512, lr=1e-2, eval_rows=8192)
@@ -165,7 +157,6 @@ def test_topk_recovers_the_features_of_a_small_problem():
     assert 0 <= row["fvu"] < 0.5
 
 
-@needs_new_train_sae
 def test_batchtopk_and_jumprelu_find_the_features_of_a_small_problem():
     # with each architecture's literature defaults this problem gives 77% (batchtopk) and
     # 71% (jumprelu); the bench's short-run AuxK and JumpReLU settings give 92% and 88%
@@ -177,11 +168,10 @@ def test_batchtopk_and_jumprelu_find_the_features_of_a_small_problem():
         assert row["l0"] == pytest.approx(5.0, rel=0.25), (arch, row)
 
 
-@needs_new_train_sae
 def test_synthetic_cli_prints_one_table(capsys):
     code = run_cli(["bench", "synthetic", "--d", "16", "--n-features", "64", "--l0", "3", "--tokens", "20000",
                     "--batch-size", "500", "--search", "2", "--eval-rows", "2000",
-                    "--architectures", "topk,standard,no_such_arch"])
+                    "--architectures", "topk,standard"])
     out = capsys.readouterr().out
     assert code == 0
     assert "true L0=3.00" in out
@@ -190,7 +180,6 @@ def test_synthetic_cli_prints_one_table(capsys):
         assert column in header
     assert re.search(r"^topk\s+k=3\s+\d+\.\d%", out, re.M)
     assert re.search(r"^standard\s+l1=\S+", out, re.M)
-    assert "no_such_arch: skipped (not registered yet)" in out
     assert "wall time" in out
     assert "topk {'k_aux': 4, 'auxk_coefficient': 1.0}" in out  # the short-run settings are printed
 
@@ -205,14 +194,12 @@ def test_format_table_marks_target_rows():
            "true_l0": 10.0, "fvu": 0.2, "dead_fraction": 0.1, "seconds": 1.0, "runs": 1, "meets_target": True}
     low = {**row, "architecture": "jumprelu", "param": "l0_coefficient", "value": 0.5, "l0": 14.0, "runs": 2,
            "tried": [(1.0, 3.0), (0.5, 14.0)], "meets_target": False}
-    table = format_table([row, low, {"architecture": "gated", "skipped": "not registered yet"}])
+    table = format_table([row, low])
     assert re.search(r"^topk .* yes$", table, re.M)
     assert re.search(r"^jumprelu\s+l0=0.5 \(2 tried\) .* NO$", table, re.M)
     assert "jumprelu: l0_coefficient tried 1 -> L0 3.00, 0.5 -> L0 14.00" in table
-    assert "gated: skipped (not registered yet)" in table
 
 
-@needs_new_train_sae
 def test_speed_bench_runs_end_to_end(capsys):
     code = run_cli(["bench", "train", "--d-in", "16", "--d-sae", "64", "--batch-size", "128", "--steps", "1",
                     "--stack", "2", "--repeats", "1", "--device", "cpu"])
@@ -222,4 +209,16 @@ def test_speed_bench_runs_end_to_end(capsys):
     assert re.search(r"all six \(the step's matmuls alone\): [\d.]+ GFLOP/s", out)
     for arch in ("topk", "standard"):
         assert re.search(rf"^\s+{arch}\s+[\d,]+ tokens/s .* = \d+\.\d\d x matmul FLOP/s$", out, re.M)
-    assert re.search(r"stack / separate: \d+\.\d\dx tokens/s per SAE|stack: skipped", out)
+    assert len(re.findall(r"^\s+round \d \((separate|stack) first\): .*: \d+\.\d\dx$", out, re.M)) == 3
+    assert re.search(r"stack / separate: \d+\.\d\dx tokens/s per SAE \(median .*; range \d+\.\d\d-\d+\.\d\d\)", out)
+
+
+@pytest.mark.parametrize("bench", ["synthetic", "train"])
+def test_an_unknown_architecture_is_refused_before_any_work(bench, capsys):
+    from sae_ray.cli import main
+
+    assert main(["bench", bench, "--architectures", "topk,gatted"]) == 2
+    err = capsys.readouterr().err
+    assert "--architectures: unknown architecture 'gatted'" in err and "gated" in err and "jumprelu" in err
+    with pytest.raises(ValueError, match=r"unknown \['gatted'\]"):
+        run_synthetic(architectures=["gatted"], log=None)

@@ -9,7 +9,16 @@ import time
 
 
 def _names(text: str | None) -> list[str] | None:
-    return [a.strip() for a in text.split(",") if a.strip()] if text else None
+    """--architectures as a list (None for all), every name checked before any work starts."""
+    from sae_ray.config import ConfigError
+    from sae_ray.sae import ARCHITECTURES
+
+    names = [a.strip() for a in text.split(",") if a.strip()] if text else None
+    for name in names or []:
+        if name not in ARCHITECTURES:
+            raise ConfigError([f"--architectures: unknown architecture {name!r}; accepted: "
+                               f"{', '.join(sorted(ARCHITECTURES))}"], source="sae-ray bench")
+    return names
 
 
 def cmd_bench_synthetic(args) -> int:
@@ -43,7 +52,8 @@ def cmd_bench_train(args) -> int:
 
     start = time.perf_counter()
     run_speed(d_in=args.d_in, d_sae=args.d_sae, batch=args.batch_size, architectures=_names(args.architectures),
-              steps=args.steps, warmup=args.warmup, stack=args.stack, repeats=args.repeats, device=args.device)
+              steps=args.steps, warmup=args.warmup, stack=args.stack, repeats=args.repeats, device=args.device,
+              rounds=args.rounds)
     print(f"\nwall time {time.perf_counter() - start:.0f}s")
     return 0
 
@@ -90,6 +100,8 @@ def add_bench_commands(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--steps", type=int, default=2, help="timed steps per measurement (default 2)")
     t.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1, at least 1)")
     t.add_argument("--stack", type=int, default=8, help="SAEs in the stack part (default 8; 0 skips it)")
+    t.add_argument("--rounds", type=int, default=3, help="rounds of the stack part, alternating which side goes "
+                                                          "first; medians are reported (default 3)")
     t.add_argument("--repeats", type=int, default=5, help="timed runs of each matmul; the median is kept (default 5)")
     t.add_argument("--device", default="auto", help="'auto' (cuda if there is one), 'cpu' or 'cuda'")
     t.set_defaults(fn=cmd_bench_train)

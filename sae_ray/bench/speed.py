@@ -111,12 +111,14 @@ def time_training(sae, x: Tensor, steps: int, warmup: int) -> float:
 
 def run_speed(d_in: int = 768, d_sae: int = 6144, batch: int = 4096,
               architectures: list[str] | None = None, steps: int = 2, warmup: int = 1,
-              stack: int = 8, repeats: int = 5, device: str = "auto", seed: int = 0, log=print) -> dict:
+              stack: int = 8, repeats: int = 5, device: str = "auto", seed: int = 0, rounds: int = 3,
+              log=print) -> dict:
     """The three measurements, printed as they come (through `log`) and returned:
     {"threads", "device", "matmul_flops", "matmuls": [(name, s, flop/s)],
      "single": {arch: {"tokens_per_s", "flops", "fraction"}},
-     "stack": {"architecture", "k", "stack_tokens_per_s", "separate_tokens_per_s", "ratio"} or None}.
-    The stack part uses the first architecture; stack=0 (or no stacks in `SAE`) skips it."""
+     "stack": {"architecture", "k", "stack_tokens_per_s", "separate_tokens_per_s", "ratio", "round_ratios"} or None}.
+    The stack part uses the first architecture; stack=0 skips it. It runs
+    `rounds` rounds, each timing both sides on fresh SAEs, and reports medians."""
     from sae_ray.sae import ARCHITECTURES, SAE, SAEConfig, create_sae
     from sae_ray.train.loop import pick_device
 
@@ -126,6 +128,9 @@ def run_speed(d_in: int = 768, d_sae: int = 6144, batch: int = 4096,
     # the step computes in bf16 under autocast on CUDA (TrainConfig.autocast "auto"), fp32 on CPU
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     architectures = architectures or ["topk", "standard"]
+    unknown = [a for a in architectures if a not in ARCHITECTURES]
+    if unknown:
+        raise ValueError(f"architectures: unknown {unknown}; accepted: {', '.join(sorted(ARCHITECTURES))}")
     torch.manual_seed(seed)
     result: dict = {"threads": torch.get_num_threads(), "device": str(dev)}
     log(f"device {dev}, torch threads {torch.get_num_threads()}, d_in {d_in}, d_sae {d_sae}, batch {batch}, "
@@ -146,9 +151,6 @@ def run_speed(d_in: int = 768, d_sae: int = 6144, batch: int = 4096,
     result["single"] = {}
     log(f"\n2. training step of one SAE (train_sae: forward, backward, pre_step, clip, Adam, post_step):")
     for arch in architectures:
-        if arch not in ARCHITECTURES:
-            log(f"   {arch}: skipped (not registered)")
-            continue
         sae = create_sae(SAEConfig(architecture=arch, d_in=d_in, d_sae=d_sae, **sparsity_setting(arch))).to(dev)
         seconds = time_training(sae, x, steps, warmup)
         flops = step_flops(batch, d_in, d_sae) / seconds
@@ -159,30 +161,51 @@ def run_speed(d_in: int = 768, d_sae: int = 6144, batch: int = 4096,
 
     # 3. a stack of K against K separate SAEs
     result["stack"] = None
-    arch = next((a for a in architectures if a in ARCHITECTURES), None)
-    if stack < 1 or arch is None:
-        log("\n3. stack: skipped (--stack 0)" if stack < 1 else "\n3. stack: skipped (no architecture)")
-        return result
-    if not hasattr(SAE, "stack"):
-        log("\n3. stack: skipped (SAE stacks do not exist yet)")
+    arch = architectures[0]
+    if stack < 1:
+        log("\n3. stack: skipped (--stack 0)")
         return result
     cfgs = [SAEConfig(architecture=arch, d_in=d_in, d_sae=d_sae, **sparsity_setting(arch)) for _ in range(stack)]
     log(f"\n3. {arch}: a stack of {stack} against {stack} separate SAEs on the same batch "
-        f"(tokens/s each SAE trains at when all {stack} train):")
-    separate = 0.0
-    for cfg in cfgs:
-        sae = create_sae(cfg).to(dev)
-        separate += time_training(sae, x, steps, warmup)
-        del sae
-    stacked = create_sae(cfgs).to(dev)
-    stacked_s = time_training(stacked, x, steps, warmup)
-    del stacked
+        f"(tokens/s each SAE trains at when all {stack} train), {rounds} round(s):")
+
+    def time_separate() -> float:
+        seconds = 0.0
+        for cfg in cfgs:
+            sae = create_sae(cfg).to(dev)
+            seconds += time_training(sae, x, steps, warmup)
+            del sae
+        return seconds
+
+    def time_stack() -> float:
+        stacked = create_sae(cfgs).to(dev)
+        seconds = time_training(stacked, x, steps, warmup)
+        del stacked
+        return seconds
+
+    # Rounds alternate which side goes first: on CPU a side measured right after the other can be
+    # 10-20% slower (the allocator's state), so one round alone can favour either side.
+    separate_s, stack_s = [], []
+    for r in range(max(1, rounds)):
+        if r % 2 == 0:
+            separate_s.append(time_separate())
+            stack_s.append(time_stack())
+        else:
+            stack_s.append(time_stack())
+            separate_s.append(time_separate())
+        log(f"   round {r + 1} ({'separate first' if r % 2 == 0 else 'stack first'}): separate "
+            f"{separate_s[-1] * 1e3:8.1f} ms, stack {stack_s[-1] * 1e3:8.1f} ms per step of all {stack}: "
+            f"{separate_s[-1] / stack_s[-1]:.2f}x")
+    separate, stacked_s = statistics.median(separate_s), statistics.median(stack_s)
+    ratios = [a / b for a, b in zip(separate_s, stack_s)]
     flops = stack * step_flops(batch, d_in, d_sae)
     result["stack"] = {"architecture": arch, "k": stack, "stack_tokens_per_s": batch / stacked_s,
-                       "separate_tokens_per_s": batch / separate, "ratio": separate / stacked_s}
+                       "separate_tokens_per_s": batch / separate, "ratio": statistics.median(ratios),
+                       "round_ratios": ratios}
     log(f"   separate  {batch / separate:10,.0f} tokens/s per SAE  {separate * 1e3:8.1f} ms per step of all {stack}  "
-        f"{flops / separate / peak:.2f} x matmul FLOP/s")
+        f"{flops / separate / peak:.2f} x matmul FLOP/s  (median of rounds)")
     log(f"   stack     {batch / stacked_s:10,.0f} tokens/s per SAE  {stacked_s * 1e3:8.1f} ms per step of all {stack}  "
-        f"{flops / stacked_s / peak:.2f} x matmul FLOP/s")
-    log(f"   stack / separate: {separate / stacked_s:.2f}x tokens/s per SAE")
+        f"{flops / stacked_s / peak:.2f} x matmul FLOP/s  (median of rounds)")
+    log(f"   stack / separate: {statistics.median(ratios):.2f}x tokens/s per SAE (median of the rounds' ratios; "
+        f"range {min(ratios):.2f}-{max(ratios):.2f})")
     return result

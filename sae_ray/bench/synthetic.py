@@ -327,9 +327,8 @@ def run_synthetic(problem: SyntheticConfig | None = None, bench: BenchConfig | N
                   log=print) -> list[dict]:
     """Train each architecture on the same synthetic stream and score it against the truth.
 
-    architectures: default every registered one; a name that is not registered gives a row
-    {"architecture": name, "skipped": reason}. starts: first coefficient per architecture.
-    Each other row: architecture, param, value (the sparsity setting), recovered (fraction of
+    architectures: default every registered one (an unknown name is a ValueError, raised before
+    any training). starts: first coefficient per architecture. Each row: architecture, param, value (the sparsity setting), recovered (fraction of
     true features with a decoder row at cosine >= 0.9), mean_max_cos, l0, true_l0, fvu,
     dead_fraction (latents that fired on none of the eval rows), seconds (training), runs
     (and tried: [(coefficient, l0)] for searched ones), meets_target.
@@ -339,11 +338,11 @@ def run_synthetic(problem: SyntheticConfig | None = None, bench: BenchConfig | N
     problem = problem or SyntheticConfig()
     bench = bench or BenchConfig()
     names = architectures or ORDER + sorted(set(ARCHITECTURES) - set(ORDER))
+    unknown = [n for n in names if n not in ARCHITECTURES]
+    if unknown:
+        raise ValueError(f"architectures: unknown {unknown}; accepted: {', '.join(sorted(ARCHITECTURES))}")
     rows = []
     for name in names:
-        if name not in ARCHITECTURES:
-            rows.append({"architecture": name, "skipped": "not registered yet"})
-            continue
         row = run_architecture(problem, bench, name, (starts or {}).get(name))
         row["meets_target"] = meets_target(row)
         rows.append(row)
@@ -354,15 +353,12 @@ def run_synthetic(problem: SyntheticConfig | None = None, bench: BenchConfig | N
 
 
 def format_table(rows: list[dict]) -> str:
-    """The rows of `run_synthetic` as a fixed-width table, skipped ones and searches noted below."""
+    """The rows of `run_synthetic` as a fixed-width table, searches noted below."""
     head = f"{'architecture':<12} {'sparsity':<22} {'recovered':>9} {'mean cos':>8} {'L0':>6} {'true L0':>7} " \
            f"{'L0 ratio':>8} {'FVU':>6} {'dead':>6} {'train s':>7}  target"
     lines = [head, "-" * len(head)]
     notes = []
     for r in rows:
-        if "skipped" in r:
-            notes.append(f"{r['architecture']}: skipped ({r['skipped']})")
-            continue
         setting = f"k={r['value']}" if r["param"] == "k" else f"{r['param'].split('_')[0]}={r['value']:.3g}"
         if r["runs"] > 1:
             setting += f" ({r['runs']} tried)"
