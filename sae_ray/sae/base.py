@@ -20,7 +20,8 @@ from torch import Tensor, nn
 
 from sae_ray.sae.config import DTYPES, SPARSITY_PARAMS, SAEConfig, SAEOutput, parse_dtype
 
-__all__ = ["ARCHITECTURES", "DTYPES", "SAE", "SAEConfig", "SAEOutput", "create_sae", "parse_dtype", "register"]
+__all__ = ["ARCHITECTURES", "DTYPES", "SAE", "SAEConfig", "SAEOutput", "create_sae", "member_views", "parse_dtype",
+           "register"]
 
 
 class SAE(nn.Module):
@@ -253,9 +254,9 @@ class SAE(nn.Module):
         norm, remove from W_dec.grad [(K,) d_sae, d_in] its component along each row."""
         if not self.unit_norm_decoder or self.W_dec.grad is None:
             return
-        W, g = self.W_dec, self.W_dec.grad
-        along = (g * W).sum(-1, keepdim=True) / W.pow(2).sum(-1, keepdim=True).clamp_min(1e-12)
-        g -= along * W
+        for W, g in member_views(self.n_stack, self.W_dec, self.W_dec.grad):
+            along = (g * W).sum(-1, keepdim=True) / W.pow(2).sum(-1, keepdim=True).clamp_min(1e-12)
+            g -= along * W
 
     @torch.no_grad()
     def post_step(self) -> None:
@@ -362,6 +363,20 @@ class SAE(nn.Module):
         except (RuntimeError, ValueError) as e:
             raise ValueError(f"{Path(path) / 'sae_weights.safetensors'}: {e}") from e
         return sae.to(device)
+
+
+def member_views(n_stack: int | None, *tensors: Tensor):
+    """The tensors of a stack member by member on CPU: tuples (t[0], ...), (t[1], ...), ... of
+    views, so in-place work on them changes the stack. Anywhere else (a GPU, a single SAE):
+    the one tuple `tensors`.
+
+    Why: elementwise work on a whole [K, ...] tensor makes [K, ...] temporaries. On CPU those are
+    big enough that glibc maps them fresh from the kernel, which zeroes every page, on each step;
+    member-sized ones are what a single SAE makes and malloc hands the same memory back.
+    """
+    if n_stack is None or tensors[0].device.type != "cpu":
+        return [tensors]
+    return zip(*(t.unbind(0) for t in tensors))
 
 
 def _check_stack(cfg: SAEConfig | list[SAEConfig], sae_cls: type[SAE]) -> list[SAEConfig]:

@@ -82,9 +82,9 @@ def train_sae(
     lrs = [float(train.lr)] * n if lrs is None else [float(v) for v in lrs]
     if len(lrs) != n:
         raise ValueError(f"lrs: {len(lrs)} learning rates for {n} SAE(s); give one per stack member")
-    base_lr: float | Tensor = lrs[0] if len(set(lrs)) == 1 else torch.tensor(lrs, device=device)
+    same_lr = len(set(lrs)) == 1
     betas = train.adam_betas or sae.adam_betas
-    opt = Adam(sae.parameters(), lr=base_lr, betas=betas)
+    opt = Adam(sae.parameters(), lr=lrs[0] if same_lr else lrs, betas=betas, n_stack=n_stack)
     bf16 = train.autocast == "bf16" or (train.autocast == "auto" and device.type == "cuda")
 
     state = TrainState()
@@ -103,7 +103,7 @@ def train_sae(
         if scale != 1.0:
             x = x * scale
         lr_now = lr_factor(state.step, total_steps, train)
-        opt.lr = base_lr * lr_now
+        opt.lr = lrs[0] * lr_now if same_lr else [lr * lr_now for lr in lrs]
         sae.sparsity_scale = sparsity_factor(state.step, total_steps, train)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             out = sae(x)

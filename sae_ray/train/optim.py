@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from sae_ray.config import TrainConfig
+from sae_ray.sae.base import member_views
 
 
 class Adam:
@@ -23,18 +24,20 @@ class Adam:
         v = beta2 v + (1 - beta2) g^2
         p = p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
 
-    `lr` is a float, or a [K] tensor for a stack: member k's slice p[k] of every
-    parameter p [K, ...] then steps with lr[k]. The loop sets `lr` before each step.
+    For a stack of K, every parameter is p [K, ...] and member k owns p[k]. `lr` is a float,
+    or a list of K floats (member k steps with lr[k]); the loop sets it before each step.
+    n_stack: K, so that a stack on CPU is stepped member by member (see `member_views`).
     """
 
-    def __init__(self, params: Iterable[Tensor], lr: float | Tensor, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8):
+    def __init__(self, params: Iterable[Tensor], lr: float | list[float], betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, n_stack: int | None = None):
         if not all(0.0 <= b < 1.0 for b in betas) or len(betas) != 2:
             raise ValueError(f"adam_betas: {tuple(betas)!r}; need two numbers in [0, 1)")
         self.params = [p for p in params if p.requires_grad]
         self.lr = lr
         self.betas = (float(betas[0]), float(betas[1]))
         self.eps = eps
+        self.n_stack = len(lr) if isinstance(lr, list) else n_stack
         self.steps = [0] * len(self.params)
         """Steps taken by each parameter (one that had no gradient was skipped, as in torch)."""
         self.exp_avg = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
@@ -46,22 +49,24 @@ class Adam:
 
     @torch.no_grad()
     def step(self) -> None:
-        beta1, beta2 = self.betas
-        lr = self.lr
         for i, (p, m, v) in enumerate(zip(self.params, self.exp_avg, self.exp_avg_sq)):
             if p.grad is None:
                 continue
-            g = p.grad
             self.steps[i] += 1
-            t = self.steps[i]
-            m.lerp_(g, 1 - beta1)
-            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            denom = (v.sqrt() / math.sqrt(1 - beta2**t)).add_(self.eps)
-            if isinstance(lr, Tensor):
-                step_size = (lr / (1 - beta1**t)).reshape(-1, *[1] * (p.dim() - 1))
-                p.sub_(step_size * m / denom)
+            if isinstance(self.lr, list):  # one lr per member: step them one by one
+                for k, lr in enumerate(self.lr):
+                    self._update(p[k], p.grad[k], m[k], v[k], lr, self.steps[i])
             else:
-                p.addcdiv_(m, denom, value=-lr / (1 - beta1**t))
+                for views in member_views(self.n_stack, p, p.grad, m, v):
+                    self._update(*views, self.lr, self.steps[i])
+
+    def _update(self, p: Tensor, g: Tensor, m: Tensor, v: Tensor, lr: float, t: int) -> None:
+        """One Adam step, in place, of p with gradient g and moments m, v (same shapes); t counts from 1."""
+        beta1, beta2 = self.betas
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        denom = v.sqrt().div_(math.sqrt(1 - beta2**t)).add_(self.eps)
+        p.addcdiv_(m, denom, value=-lr / (1 - beta1**t))
 
     def state_dict(self) -> dict:
         return {"steps": list(self.steps), "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
@@ -86,7 +91,9 @@ def clip_grad_norm_(params: Iterable[Tensor], max_norm: float, n_stack: int | No
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(n_stack)
-    norms = torch.stack([g.float().reshape(n_stack, -1).pow(2).sum(1) for g in grads]).sum(0).sqrt()
+    # vector_norm reduces without a [K, ...] temporary (g.pow(2) would make one per gradient)
+    norms = torch.stack([torch.linalg.vector_norm(g.reshape(n_stack, -1), dim=1, dtype=torch.float32)
+                         for g in grads]).pow(2).sum(0).sqrt()
     coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
     for g in grads:
         g.mul_(coef.reshape(-1, *[1] * (g.dim() - 1)).to(g.dtype))
