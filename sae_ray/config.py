@@ -88,7 +88,7 @@ class SweepConfig(Section):
     l1_coefficient: list[float] | None = Field(None, description="L1 sparsity coefficients (standard, gated).")
     l0_coefficient: list[float] | None = Field(None, description="L0 sparsity coefficients (jumprelu).")
     k: list[int] | None = Field(None, description="Active latents per token (topk, batchtopk, matryoshka).")
-    max_stack: int = Field(8, gt=0, description="Most SAEs of one architecture and shape trained together in one trial (a stack; 1 = one SAE per trial). On CPU the stack's K-times-larger temporaries cost more per byte: with d_sae 6144 and batch 4096 a stack of 2 trains 1.02x as fast per SAE as separate SAEs, 4 0.97x, 8 0.87x (sae-ray bench train).")
+    max_stack: int = Field(8, gt=0, description="Most SAEs of one architecture and shape trained together in one trial (a stack; 1 = one SAE per trial). A stack reads each batch once; it is one trial with resources.cpus_per_trial, so on CPU smaller stacks spread SAEs over more cores. On 2 CPU cores (d_sae 6144, batch 4096) a stack of 8 trains 1.02x as fast per SAE as 8 separate SAEs (sae-ray bench train).")
     extra: dict[str, dict[str, Any]] = Field({}, description="Architecture knobs by architecture, kept in each SAE's cfg.extra, e.g. {jumprelu: {bandwidth: 0.05}, topk: {k_aux: 256}}; each architecture's `knobs` lists what it reads.")
 
 
@@ -114,6 +114,7 @@ class TrainConfig(Section):
     eval_rows: int = Field(8192, gt=0, description="Rows used for the final FVU/L0 evaluation: the first rows of the lowest committed shard.")
     dead_tokens: int = Field(1_000_000, gt=0, description="A latent that has not fired for this many tokens counts as dead.")
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda'.")
+    keep_freed_memory: bool = Field(True, description="On CPU (Linux, glibc) a trial keeps the memory it frees for the next step instead of handing it back to the kernel, which zeroes it again every step (sae_ray.train.memory). A stack of 8 then trains faster per SAE than 8 separate SAEs instead of slower (sae-ray bench train); the trial keeps its peak memory until it ends.")
     wait_for_buffer: bool = Field(False, description="Wait for the whole buffer before training (default: start as soon as a shard is committed).")
 
 

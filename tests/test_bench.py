@@ -202,10 +202,10 @@ def test_format_table_marks_target_rows():
 
 def test_speed_bench_runs_end_to_end(capsys):
     code = run_cli(["bench", "train", "--d-in", "16", "--d-sae", "64", "--batch-size", "128", "--steps", "1",
-                    "--stack", "2", "--repeats", "1", "--device", "cpu"])
+                    "--stack", "2", "--repeats", "1", "--device", "cpu", "--return-freed-memory"])
     out = capsys.readouterr().out
     assert code == 0
-    assert re.search(r"torch threads \d+", out)
+    assert re.search(r"torch threads \d+", out) and "freed memory handed back to the kernel" in out
     assert re.search(r"all six \(the step's matmuls alone\): [\d.]+ GFLOP/s", out)
     for arch in ("topk", "standard"):
         assert re.search(rf"^\s+{arch}\s+[\d,]+ tokens/s .* = \d+\.\d\d x matmul FLOP/s$", out, re.M)

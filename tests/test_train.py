@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import math
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -114,12 +117,15 @@ def test_adam_matches_torch_adam(betas):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=name)
 
 
-def test_adam_learning_rate_per_member_of_a_stacked_tensor():
+@pytest.mark.parametrize("lrs", [[1e-1, 1e-2, 0.0], [1e-2] * 3])
+@pytest.mark.parametrize("n_stack", [None, 3])
+def test_adam_steps_each_member_of_a_stacked_tensor_as_torch_adam_steps_it_alone(lrs, n_stack):
+    # a list of lrs steps member by member; one float with n_stack does so on CPU; one float
+    # without n_stack steps the whole tensor
     torch.manual_seed(0)
-    lrs = [1e-1, 1e-2, 0.0]
     stacked = torch.randn(3, 4, 5, requires_grad=True)
     singles = [stacked[k].detach().clone().requires_grad_() for k in range(3)]
-    ours = Adam([stacked], lr=torch.tensor(lrs))
+    ours = Adam([stacked], lr=lrs if len(set(lrs)) > 1 else lrs[0], n_stack=n_stack)
     refs = [torch.optim.Adam([p], lr=lr) for p, lr in zip(singles, lrs)]
     for _ in range(5):
         target = torch.randn(3, 4, 5)
@@ -138,9 +144,9 @@ def test_adam_betas_from_config_else_architecture(monkeypatch):
     seen = []
 
     class Recording(Adam):
-        def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8):
+        def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, n_stack=None):
             seen.append(tuple(betas))
-            super().__init__(params, lr, betas, eps)
+            super().__init__(params, lr, betas, eps, n_stack)
 
     monkeypatch.setattr(loop, "Adam", Recording)
     sae = create_sae(sae_cfg("topk"))
@@ -376,3 +382,34 @@ def test_stack_trains_to_the_same_weights_as_separate_saes(arch):
     for alone, member in zip(separate, stack.unstack()):
         for name, p in alone.state_dict().items():
             torch.testing.assert_close(member.state_dict()[name], p, rtol=1e-4, atol=1e-5, msg=f"{arch} {name}")
+
+
+# -- keeping freed memory -----------------------------------------------------
+
+FAULTS_SCRIPT = textwrap.dedent("""
+    import resource, sys, torch
+    from sae_ray.train.memory import keep_freed_memory
+    if sys.argv[1] == "keep":
+        assert keep_freed_memory()
+    faults, rss = [], []
+    for _ in range(20):  # 64 MB, over the 32 MB above which glibc maps every block fresh from the kernel
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        x = torch.ones(64 * 2**20 // 4)
+        del x
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        rss.append(int(open("/proc/self/statm").read().split()[1]) * 4096)
+    print(faults[-1], rss[-1] - rss[0])
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_keep_freed_memory_reuses_freed_blocks_instead_of_fresh_pages():
+    # in subprocesses: the setting is process-wide and lasts
+    runs = {mode: subprocess.run([sys.executable, "-c", FAULTS_SCRIPT, mode], capture_output=True, text=True,
+                                 check=True).stdout.split() for mode in ("keep", "default")}
+    (keep_faults, keep_growth), (default_faults, _) = [map(int, runs[m]) for m in ("keep", "default")]
+    block = 64 * 2**20
+    assert default_faults > block // 4096 // 2, runs  # glibc's default: every page of the new block faults again
+    assert keep_faults < block // 4096 // 20, runs  # kept: the block reuses memory freed before
+    # the heap settles (glibc's aligned allocations leave some slack), it does not grow by a block a step
+    assert keep_growth < 10 * block, runs

@@ -53,7 +53,7 @@ def cmd_bench_train(args) -> int:
     start = time.perf_counter()
     run_speed(d_in=args.d_in, d_sae=args.d_sae, batch=args.batch_size, architectures=_names(args.architectures),
               steps=args.steps, warmup=args.warmup, stack=args.stack, repeats=args.repeats, device=args.device,
-              rounds=args.rounds)
+              rounds=args.rounds, keep_memory=not args.return_freed_memory)
     print(f"\nwall time {time.perf_counter() - start:.0f}s")
     return 0
 
@@ -100,6 +100,9 @@ def add_bench_commands(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--steps", type=int, default=2, help="timed steps per measurement (default 2)")
     t.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1, at least 1)")
     t.add_argument("--stack", type=int, default=8, help="SAEs in the stack part (default 8; 0 skips it)")
+    t.add_argument("--return-freed-memory", action="store_true",
+                   help="on CPU, let freed memory go back to the kernel (glibc's default) instead of keeping it "
+                        "for reuse as a sweep's trials do (train.keep_freed_memory)")
     t.add_argument("--rounds", type=int, default=3, help="rounds of the stack part, alternating which side goes "
                                                           "first; medians are reported (default 3)")
     t.add_argument("--repeats", type=int, default=5, help="timed runs of each matmul; the median is kept (default 5)")

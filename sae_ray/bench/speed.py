@@ -112,15 +112,18 @@ def time_training(sae, x: Tensor, steps: int, warmup: int) -> float:
 def run_speed(d_in: int = 768, d_sae: int = 6144, batch: int = 4096,
               architectures: list[str] | None = None, steps: int = 2, warmup: int = 1,
               stack: int = 8, repeats: int = 5, device: str = "auto", seed: int = 0, rounds: int = 3,
-              log=print) -> dict:
+              keep_memory: bool = True, log=print) -> dict:
     """The three measurements, printed as they come (through `log`) and returned:
     {"threads", "device", "matmul_flops", "matmuls": [(name, s, flop/s)],
      "single": {arch: {"tokens_per_s", "flops", "fraction"}},
      "stack": {"architecture", "k", "stack_tokens_per_s", "separate_tokens_per_s", "ratio", "round_ratios"} or None}.
     The stack part uses the first architecture; stack=0 skips it. It runs
-    `rounds` rounds, each timing both sides on fresh SAEs, and reports medians."""
-    from sae_ray.sae import ARCHITECTURES, SAE, SAEConfig, create_sae
+    `rounds` rounds, each timing both sides on fresh SAEs, and reports medians.
+    keep_memory: on CPU, keep freed memory in this process for reuse, as a sweep's trials do
+    (`TrainConfig.keep_freed_memory`, `sae_ray.train.memory`); it is process-wide and for good."""
+    from sae_ray.sae import ARCHITECTURES, SAEConfig, create_sae
     from sae_ray.train.loop import pick_device
+    from sae_ray.train.memory import keep_freed_memory
 
     log = log or (lambda s: None)
     warmup = max(1, warmup)
@@ -132,9 +135,11 @@ def run_speed(d_in: int = 768, d_sae: int = 6144, batch: int = 4096,
     if unknown:
         raise ValueError(f"architectures: unknown {unknown}; accepted: {', '.join(sorted(ARCHITECTURES))}")
     torch.manual_seed(seed)
-    result: dict = {"threads": torch.get_num_threads(), "device": str(dev)}
+    kept = dev.type == "cpu" and keep_memory and keep_freed_memory()
+    result: dict = {"threads": torch.get_num_threads(), "device": str(dev), "keep_freed_memory": kept}
     log(f"device {dev}, torch threads {torch.get_num_threads()}, d_in {d_in}, d_sae {d_sae}, batch {batch}, "
-        f"{warmup} warmup + {steps} timed step(s)")
+        f"{warmup} warmup + {steps} timed step(s), freed memory "
+        f"{'kept for reuse' if kept else 'handed back to the kernel'}")
 
     # 1. matmul speed of the step's own shapes
     mms = time_matmuls(batch, d_in, d_sae, dtype, dev, repeats=repeats)

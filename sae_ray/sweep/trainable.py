@@ -20,6 +20,7 @@ from sae_ray.config import RunConfig
 from sae_ray.eval.metrics import evaluate_sae
 from sae_ray.sae import ARCHITECTURES, SAEConfig
 from sae_ray.train.loop import pick_device, train_sae
+from sae_ray.train.memory import keep_freed_memory
 
 SPARSITY_PARAMS = ("k", "l1_coefficient", "l0_coefficient")
 
@@ -63,6 +64,8 @@ def train_trial(config: dict[str, Any]) -> None:
     d_in = config["hooks"][hook]
     torch.manual_seed(cfg.train.seed)
     device = pick_device(cfg.train.device)
+    if device.type == "cpu" and cfg.train.keep_freed_memory:
+        keep_freed_memory()
     cfgs = sae_configs(stack, cfg, d_in)
     sae_cls = ARCHITECTURES[cfgs[0].architecture]
     sae = (sae_cls(cfgs[0]) if len(cfgs) == 1 else sae_cls(cfgs)).to(device)
