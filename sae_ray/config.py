@@ -114,7 +114,7 @@ class TrainConfig(Section):
     eval_rows: int = Field(8192, gt=0, description="Rows used for the final FVU/L0 evaluation: the first rows of the lowest committed shard.")
     dead_tokens: int = Field(1_000_000, gt=0, description="A latent that has not fired for this many tokens counts as dead.")
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda'.")
-    keep_freed_memory: bool = Field(True, description="On CPU (Linux, glibc) a trial keeps the memory it frees for the next step instead of handing it back to the kernel, which zeroes it again every step (sae_ray.train.memory). A stack of 8 then trains faster per SAE than 8 separate SAEs instead of slower (sae-ray bench train); the trial keeps its peak memory until it ends.")
+    keep_freed_memory: bool = Field(True, description="On CPU (Linux, glibc) a trial keeps the memory it frees for the next step instead of handing it back to the kernel, which zeroes it again every step (sae_ray.train.memory). With it a stack of 8 trains 1.02x as fast per SAE as 8 separate SAEs (0.94x without) and a single SAE 8-13% faster (sae-ray bench train); the trial keeps its peak memory until it ends.")
     wait_for_buffer: bool = Field(False, description="Wait for the whole buffer before training (default: start as soon as a shard is committed).")
 
 

@@ -328,8 +328,9 @@ def run_synthetic(problem: SyntheticConfig | None = None, bench: BenchConfig | N
     """Train each architecture on the same synthetic stream and score it against the truth.
 
     architectures: default every registered one (an unknown name is a ValueError, raised before
-    any training). starts: first coefficient per architecture. Each row: architecture, param, value (the sparsity setting), recovered (fraction of
-    true features with a decoder row at cosine >= 0.9), mean_max_cos, l0, true_l0, fvu,
+    any training). starts: first coefficient per architecture. Each row: architecture, param,
+    value (the sparsity setting), recovered (fraction of true features with a decoder row at
+    cosine >= 0.9), mean_max_cos, l0, true_l0, fvu,
     dead_fraction (latents that fired on none of the eval rows), seconds (training), runs
     (and tried: [(coefficient, l0)] for searched ones), meets_target.
     """
