@@ -209,9 +209,7 @@ class SAE(nn.Module):
         k_aux = cfg.extra.get("k_aux", 1)
         if not isinstance(k_aux, int) or isinstance(k_aux, bool) or k_aux < 1:
             raise ValueError(f"SAEConfig.extra['k_aux']: {k_aux!r}; expected an integer >= 1")
-        value = cfg.extra.get("auxk_coefficient", 0.0)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
-            raise ValueError(f"SAEConfig.extra['auxk_coefficient']: {value!r}; expected a number >= 0")
+        check_extra_number(cfg, "auxk_coefficient", 0.0)
 
     def init_auxk(self, default_coefficient: float) -> None:
         """Set up the AuxK dead-latent loss (`auxk_loss`) from cfg.extra: "k_aux" (default
@@ -230,8 +228,11 @@ class SAE(nn.Module):
 
         The dead latents learn to explain what the live ones miss; it uses their raw
         pre-activations, so latents stuck below zero (or below a threshold) still get a
-        gradient. x [B, d_in]; pre [(K,) B, d_sae]; x_hat [(K,) B, d_in]. Needs `init_auxk`.
+        gradient. Zero, without the work, when every member's coefficient is 0.
+        x [B, d_in]; pre [(K,) B, d_sae]; x_hat [(K,) B, d_in]. Needs `init_auxk`.
         """
+        if not self.auxk_on:
+            return x_hat.new_zeros(self.shape())
         dead = self.dead_mask.unsqueeze(-2)  # [(K,) 1, d_sae]
         n_dead = dead.sum((-2, -1))  # [(K,)]
         most = int(n_dead.max())
@@ -363,6 +364,14 @@ class SAE(nn.Module):
         except (RuntimeError, ValueError) as e:
             raise ValueError(f"{Path(path) / 'sae_weights.safetensors'}: {e}") from e
         return sae.to(device)
+
+
+def check_extra_number(cfg: SAEConfig, key: str, default: float, positive: bool = False) -> None:
+    """Raise ValueError, naming the key, unless cfg.extra[key] (or `default`) is a number
+    >= 0 (> 0 with `positive`)."""
+    value = cfg.extra.get(key, default)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (value > 0 if positive else value >= 0):
+        raise ValueError(f"SAEConfig.extra[{key!r}]: {value!r}; expected a number {'> 0' if positive else '>= 0'}")
 
 
 def member_views(n_stack: int | None, *tensors: Tensor):

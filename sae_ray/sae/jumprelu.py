@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sae_ray.sae.base import SAE, SAEConfig, register
+from sae_ray.sae.base import SAE, SAEConfig, check_extra_number, register
 
 
 def rectangle(u: Tensor) -> Tensor:
@@ -103,12 +103,8 @@ class JumpReLUSAE(SAE):
                 f"SAEConfig.l0_coefficient: {cfg.l0_coefficient!r}; the jumprelu architecture needs a number >= 0"
             )
         for key, default in (("bandwidth", 0.001), ("threshold_init", 0.001), ("l0_target", 1.0)):
-            value = cfg.extra.get(key, default)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-                raise ValueError(f"SAEConfig.extra[{key!r}]: {value!r}; expected a number > 0")
-        value = cfg.extra.get("pre_act_coefficient", 0.0)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
-            raise ValueError(f"SAEConfig.extra['pre_act_coefficient']: {value!r}; expected a number >= 0")
+            check_extra_number(cfg, key, default, positive=True)
+        check_extra_number(cfg, "pre_act_coefficient", 0.0)
         cls.check_auxk_config(cfg)
 
     def __init__(self, cfg: SAEConfig | list[SAEConfig]):
