@@ -16,7 +16,7 @@ def load_sae(uri: str, tracking_uri: str | None = None, device: str = "cpu"):
     tracking_uri: the MLflow store holding the registry; default $MLFLOW_TRACKING_URI, else
     the embedded default of the default workdir (sqlite:///runs/default/mlflow.db).
     """
-    from sae_ray.sae import load_sae_dir
+    from sae_ray.formats import load_sae_dir
 
     if not uri.startswith("models:/"):
         if not Path(uri).is_dir():
@@ -29,5 +29,6 @@ def load_sae(uri: str, tracking_uri: str | None = None, device: str = "cpu"):
     return load_sae_dir(path, device=device).eval()  # eval: BatchTopK-style SAEs use their inference threshold
 
 
-def default_tracking_uri() -> str:
-    return f"sqlite:///{Path('runs/default/mlflow.db').resolve()}"
+def default_tracking_uri(workdir: str | Path = "runs/default") -> str:
+    """The embedded MLflow store of a workdir: sqlite:///<workdir, absolute>/mlflow.db."""
+    return f"sqlite:///{Path(workdir).expanduser().resolve() / 'mlflow.db'}"

@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from sae_ray.eval import evaluate_sae
+from sae_ray.formats import load_sae_dir, save_saelens
 from sae_ray.formats.saelens import CFG_FILENAME, WEIGHTS_FILENAME
-from sae_ray.sae import ARCHITECTURES, SAE, SAEConfig, create_sae, load_sae_dir
+from sae_ray.sae import ARCHITECTURES, SAE, SAEConfig, create_sae
 from sae_ray.sae.jumprelu import JumpReLUFunction, JumpReLUSAE, StepFunction
 from sparse_rows import sparse_data
 
@@ -158,9 +159,9 @@ def test_jumprelu_dead_latent_losses():
     plain = perturb(create_sae(config("jumprelu", member=2)))
     assert set(plain(x).aux) == {"l0"}  # both off by default
 
-    cfg = config("jumprelu", member=2, dead_tokens_threshold=64, pre_act_coefficient=2.0,
-                 auxk_coefficient=0.5, k_aux=2)
+    cfg = config("jumprelu", member=2, pre_act_coefficient=2.0, auxk_coefficient=0.5, k_aux=2)
     sae = perturb(create_sae(cfg))
+    sae.dead_tokens = 64
     sae.tokens_since_fired[:3] = 100  # latents 0..2 are dead
     out = sae(x)
     pre, theta = sae.pre_acts(x), sae.log_threshold.exp()
@@ -309,7 +310,8 @@ def test_sparsity_scale_scales_only_the_sparsity_penalty():
         torch.testing.assert_close(part.aux[key], 0.3 * full.aux[key])
         for other in set(full.aux) - {key}:
             torch.testing.assert_close(part.aux[other], full.aux[other])
-    sae = perturb(create_sae(config("topk", dead_tokens_threshold=1)))
+    sae = perturb(create_sae(config("topk")))
+    sae.dead_tokens = 1
     sae.tokens_since_fired.fill_(5)  # all dead: AuxK is on
     full = sae(x).aux["auxk"]
     sae.sparsity_scale = 0.3
@@ -385,8 +387,9 @@ def _members(arch: str, **extra) -> list[SAE]:
     few, all), so that AuxK runs with different numbers of dead latents per member."""
     saes = []
     for i in range(3):
-        cfg = config(arch, member=i, dtype="float64", dead_tokens_threshold=64, k_aux=5, **extra)
+        cfg = config(arch, member=i, dtype="float64", k_aux=5, **extra)
         sae = perturb(create_sae(cfg), seed=i)
+        sae.dead_tokens = 64
         sae.tokens_since_fired[: [0, 3, 32][i]] = 100
         saes.append(sae)
     return saes
@@ -456,6 +459,7 @@ def test_stack_equals_separate(arch, extra):
     assert [type(s) for s in back] == [type(saes[0])] * 3
     assert [asdict(s.cfg) for s in back] == [asdict(s.cfg) for s in saes]
     assert all(not s.training and s.n_stack is None and s.sparsity_scale == 0.7 for s in back)
+    assert stack.dead_tokens == 64 and all(s.dead_tokens == 64 for s in back)
     for i, (b, s) in enumerate(zip(back, saes)):
         assert b.state_dict().keys() == s.state_dict().keys()
         for name, t in b.state_dict().items():
@@ -486,7 +490,7 @@ def test_stack_encode_decode_take_shared_or_per_member_batches():
 
 def test_save_of_a_stack_says_unstack(tmp_path):
     with pytest.raises(ValueError, match="unstack"):
-        create_sae([config("topk"), config("topk")]).save(tmp_path)
+        save_saelens(create_sae([config("topk"), config("topk")]), tmp_path)
 
 
 # -- input scale -------------------------------------------------------------------------
@@ -526,7 +530,7 @@ def test_save_load_round_trip(tmp_path, arch):
     if arch in ("batchtopk", "matryoshka"):
         sae(batch(32))  # a real θ from a training batch
     sae.eval()
-    sae.save(tmp_path)
+    save_saelens(sae, tmp_path)
     loaded = load_sae_dir(tmp_path).eval()
     assert type(loaded) is type(sae)
     assert asdict(loaded.cfg) == asdict(sae.cfg)
@@ -568,7 +572,7 @@ def test_batchtopk_file_runs_as_a_jumprelu(tmp_path, arch):
     sae = perturb(create_sae(config(arch, member=1)))
     sae(batch(32))
     sae.eval()
-    sae.save(tmp_path)
+    save_saelens(sae, tmp_path)
     cfg = json.loads((tmp_path / CFG_FILENAME).read_text())
     del cfg["sae_ray"]
     (tmp_path / CFG_FILENAME).write_text(json.dumps(cfg))
@@ -583,7 +587,7 @@ def test_batchtopk_file_with_varying_threshold_is_refused(tmp_path):
     from safetensors.torch import save_file
 
     sae = create_sae(config("batchtopk"))
-    sae.save(tmp_path)
+    save_saelens(sae, tmp_path)
     weights = load_file(tmp_path / WEIGHTS_FILENAME)
     weights["threshold"] = torch.rand(32)
     save_file(weights, tmp_path / WEIGHTS_FILENAME)

@@ -1,11 +1,11 @@
-"""fvu, l0, FiringTracker, evaluate_sae."""
+"""fvu, l0, dead latents, evaluate_sae."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from sae_ray.eval import FiringTracker, evaluate_sae, fvu, l0
+from sae_ray.eval import dead_fraction, evaluate_sae, fvu, l0
 from sae_ray.sae import SAEConfig, create_sae
 
 
@@ -17,6 +17,8 @@ def test_fvu_perfect_and_mean():
     # halfway to the truth from the mean explains 3/4 of the variance
     half = (x + x.mean(0)) / 2
     torch.testing.assert_close(fvu(x, half), torch.tensor(0.25))
+    # a stack: one FVU per member, against the shared x
+    torch.testing.assert_close(fvu(x, torch.stack([x, half])), torch.tensor([0.0, 0.25]))
 
 
 def test_fvu_is_pooled_not_per_dimension():
@@ -28,19 +30,22 @@ def test_fvu_is_pooled_not_per_dimension():
 def test_l0():
     f = torch.tensor([[0.0, 1.0, 2.0], [0.0, 0.0, 0.0], [3.0, 0.0, 0.0]])
     assert l0(f).item() == pytest.approx(1.0)
+    assert l0(torch.stack([f, torch.zeros_like(f)])).tolist() == [1.0, 0.0]  # one per stack member
 
 
-def test_firing_tracker():
-    t = FiringTracker(4)
-    t.update(torch.tensor([[1.0, 0, 0, 0], [0, 2.0, 0, 0]]))  # 0, 1 fire
-    t.update(torch.tensor([[1.0, 0, 0, 0]] * 3))  # 0 fires again
-    assert t.tokens_since_fired.tolist() == [0, 3, 5, 5]
-    assert t.n_tokens == 5
-    assert t.dead_fraction(5) == 0.5  # latents 2 and 3 never fired in 5 tokens
-    assert t.dead_fraction(3) == 0.75  # latent 1 has been silent for 3
-    assert t.dead_fraction(6) == 0.0
-    torch.testing.assert_close(t.density(), torch.tensor([0.8, 0.2, 0.0, 0.0]))
-    assert t.dense_fraction(0.5) == 0.25
+def test_dead_fraction_of_firing_counts():
+    sae = create_sae(SAEConfig("topk", 6, 4, k=1))
+    for f in (torch.tensor([[1.0, 0, 0, 0], [0, 2.0, 0, 0]]), torch.tensor([[1.0, 0, 0, 0]] * 3)):
+        sae.observe(f, f)  # 0, 1 fire; then 0 fires again
+    t = sae.tokens_since_fired
+    assert t.tolist() == [0, 3, 5, 5]
+    assert dead_fraction(t, 5).item() == 0.5  # latents 2 and 3 never fired in 5 tokens
+    assert dead_fraction(t, 3).item() == 0.75  # latent 1 has been silent for 3
+    assert dead_fraction(t, 6).item() == 0.0
+    assert dead_fraction(torch.stack([t, torch.zeros_like(t)]), 5).tolist() == [0.5, 0.0]
+    assert not sae.dead_mask.any()  # no threshold set (the training loop sets it): nothing is dead
+    sae.dead_tokens = 5
+    assert sae.dead_mask.tolist() == [False, False, True, True]
 
 
 def _sae(arch: str = "standard"):

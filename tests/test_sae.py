@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from sae_ray.eval import evaluate_sae
-from sae_ray.formats import load_saelens
+from sae_ray.formats import load_sae_dir, load_saelens, save_saelens
 from sae_ray.formats.saelens import CFG_FILENAME, WEIGHTS_FILENAME
 from sae_ray.sae import (
     ARCHITECTURES,
@@ -20,7 +20,6 @@ from sae_ray.sae import (
     SAEConfig,
     SAEOutput,
     create_sae,
-    load_sae_dir,
     register,
 )
 from sae_ray.sae.standard import StandardSAE
@@ -165,8 +164,8 @@ def test_firing_counts_only_in_training():
 
 def test_auxk_revives_dead_latents():
     torch.manual_seed(0)
-    cfg_extra = {"dead_tokens_threshold": 5, "k_aux": 4}
-    sae = make("topk", d_sae=32, k=2, extra=cfg_extra)
+    sae = make("topk", d_sae=32, k=2, extra={"k_aux": 4})
+    sae.dead_tokens = 5
     x = torch.randn(16, 8)
     out = sae(x)
     assert out.aux["auxk"] == 0  # nothing dead yet
@@ -321,7 +320,7 @@ META = dict(
     hook_layer=3,
     context_size=128,
     dataset_path="NeelNanda/pile-10k",
-    extra={"dead_tokens_threshold": 1000, "figures": {"fvu": 0.1}},
+    extra={"dead_tokens_threshold": 1000, "figures": {"fvu": 0.1}},  # an old knob: still loads
 )
 
 
@@ -329,7 +328,7 @@ META = dict(
 def test_saelens_round_trip(tmp_path, arch):
     torch.manual_seed(0)
     sae = perturb(make(arch, d_in=8, d_sae=32, **META))
-    sae.save(tmp_path / "sae")
+    save_saelens(sae, tmp_path / "sae")
     loaded = load_sae_dir(tmp_path / "sae")
     assert type(loaded) is type(sae)
     assert asdict(loaded.cfg) == asdict(sae.cfg)
@@ -339,13 +338,13 @@ def test_saelens_round_trip(tmp_path, arch):
     x = torch.randn(9, 8)
     a, b = sae.eval()(x), loaded.eval()(x)
     assert torch.equal(a.x_hat, b.x_hat) and torch.equal(a.feature_acts, b.feature_acts)
-    assert type(SAE.load(tmp_path / "sae")) is type(sae)
+    assert type(load_sae_dir(tmp_path / "sae", sae_cls=SAE)) is type(sae)
 
 
 @pytest.mark.parametrize("arch", ["standard", "topk"])
 def test_saelens_files(tmp_path, arch):
     sae = make(arch, d_in=8, d_sae=32, **META)
-    sae.save(tmp_path)
+    save_saelens(sae, tmp_path)
     cfg = json.loads((tmp_path / CFG_FILENAME).read_text())
     saelens_keys = """architecture d_in d_sae dtype device apply_b_dec_to_input
         normalize_activations model_name hook_name hook_layer context_size dataset_path
@@ -372,7 +371,7 @@ def test_saelens_files(tmp_path, arch):
 def test_load_old_style_saelens_topk(tmp_path):
     """SAELens < 6 wrote TopK SAEs as architecture "standard" + activation_fn_str "topk"."""
     sae = perturb(make("topk", k=3, **META))
-    sae.save(tmp_path)
+    save_saelens(sae, tmp_path)
     cfg = json.loads((tmp_path / CFG_FILENAME).read_text())
     for key in ("sae_ray", "metadata", "k", "reshape_activations"):
         del cfg[key]
@@ -389,11 +388,11 @@ def test_load_old_style_saelens_topk(tmp_path):
 def test_load_errors_name_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="cfg.json"):
         load_saelens(tmp_path)
-    make("topk").save(tmp_path)
+    save_saelens(make("topk"), tmp_path)
     (tmp_path / WEIGHTS_FILENAME).unlink()
     with pytest.raises(FileNotFoundError, match="sae_weights.safetensors"):
         load_saelens(tmp_path)
-    make("topk").save(tmp_path)
+    save_saelens(make("topk"), tmp_path)
     cfg = json.loads((tmp_path / CFG_FILENAME).read_text())
     cfg["apply_b_dec_to_input"] = False
     (tmp_path / CFG_FILENAME).write_text(json.dumps(cfg))
@@ -402,14 +401,14 @@ def test_load_errors_name_the_file(tmp_path):
 
 
 def test_load_as_wrong_subclass(tmp_path):
-    make("standard").save(tmp_path)
+    save_saelens(make("standard"), tmp_path)
     with pytest.raises(ValueError, match="cfg.json.*StandardSAE, not a TopKSAE"):
-        TopKSAE.load(tmp_path)
+        load_sae_dir(tmp_path, sae_cls=TopKSAE)
 
 
 def test_load_weights_of_wrong_shape(tmp_path):
-    make("topk", d_sae=32).save(tmp_path)
-    make("topk", d_sae=16).save(tmp_path / "small")
+    save_saelens(make("topk", d_sae=32), tmp_path)
+    save_saelens(make("topk", d_sae=16), tmp_path / "small")
     (tmp_path / "small" / WEIGHTS_FILENAME).replace(tmp_path / WEIGHTS_FILENAME)
     with pytest.raises(ValueError, match="(?s)sae_weights.safetensors.*size mismatch for W_enc"):
         load_sae_dir(tmp_path)
@@ -419,4 +418,4 @@ def test_config_takes_numpy_numbers(tmp_path):
     import numpy as np
     cfg = SAEConfig("topk", np.int64(8), np.int64(32), k=np.int64(4))
     assert type(cfg.d_sae) is int and type(cfg.k) is int
-    create_sae(cfg).save(tmp_path)  # json can write it
+    save_saelens(create_sae(cfg), tmp_path)  # json can write it

@@ -34,9 +34,7 @@ def sae_cfg(arch: str, **kw) -> SAEConfig:
 
 
 def make_stack(cfgs: list[SAEConfig]) -> SAE:
-    """A stack of SAEs (a skip on a base class that cannot build stacks)."""
-    if not hasattr(SAE, "unstack"):
-        pytest.skip("SAE stacks not available in this tree")
+    """A stack of SAEs."""
     return ARCHITECTURES[cfgs[0].architecture](cfgs)
 
 
@@ -346,6 +344,17 @@ def test_stack_reports_each_member():
         assert evaluate_sae(member, x_test)["fvu"] == pytest.approx(logs[-1][k]["fvu"], abs=0.1)
 
 
+def test_dead_latents_are_those_of_train_dead_tokens():
+    """The loop hands train.dead_tokens to the SAE: the latents AuxK treats as dead are the
+    ones counted in dead_fraction."""
+    torch.manual_seed(0)
+    sae = make_stack([sae_cfg("topk", k=2), sae_cfg("topk", k=8)])
+    x = sparse_data(256 * 8, 0)
+    state = train_sae(sae, iter(x.split(256)), quick(total_tokens=len(x), dead_tokens=512))
+    assert sae.dead_tokens == 512
+    assert state.dead_fraction == sae.dead_mask.float().mean(-1).tolist()
+
+
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 @pytest.mark.parametrize("stacked", [False, True])
 def test_every_architecture_runs_through_the_loop(arch, stacked):
@@ -373,7 +382,7 @@ def test_stack_trains_to_the_same_weights_as_separate_saes(arch):
     for i, value in enumerate(OTHER_SPARSITY[param]):
         torch.manual_seed(i)
         separate.append(create_sae(sae_cfg(arch, **{param: value})))
-    stack = SAE.stack([copy.deepcopy(s) for s in separate]) if hasattr(SAE, "stack") else pytest.skip("no stacks")
+    stack = SAE.stack([copy.deepcopy(s) for s in separate])
     x = sparse_data(128 * 20, 3, scale=10.0)
     train = quick(total_tokens=len(x), lr=1e-3, lr_warmup_steps=4)
     for sae in separate:

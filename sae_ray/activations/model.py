@@ -14,7 +14,6 @@ import importlib.resources
 import importlib.util
 import os
 
-import torch
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -24,17 +23,10 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from sae_ray.activations.text import looks_local
+from sae_ray.dtypes import ACTIVATION_DTYPES, TORCH_DTYPES
+
 PACKAGE_PREFIX = "package:"
-
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
-
-
-def _looks_local(name: str) -> bool:
-    return name.startswith(("/", ".", "~")) or os.path.exists(name)
 
 
 def resolve_model_path(name: str) -> str:
@@ -61,7 +53,7 @@ def resolve_model_path(name: str) -> str:
         if not os.path.isdir(path):
             raise FileNotFoundError(f"model {name!r}: no directory {subdir!r} in package {package!r} (looked at {path})")
         return path
-    if _looks_local(name):
+    if looks_local(name):
         path = os.path.expanduser(name)
         if not os.path.exists(path):
             raise FileNotFoundError(f"model path {name!r} does not exist (resolved to {os.path.abspath(path)})")
@@ -91,13 +83,13 @@ def load_model(
 
     dtype: "float32", "float16" or "bfloat16".
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"load_model: dtype {dtype!r} is not supported; expected one of {list(DTYPES)}")
+    if dtype not in ACTIVATION_DTYPES:
+        raise ValueError(f"load_model: dtype {dtype!r} is not supported; expected one of {list(ACTIVATION_DTYPES)}")
     path = resolve_model_path(name)
     common = dict(revision=revision, trust_remote_code=trust_remote_code)
     config = AutoConfig.from_pretrained(path, **common)
     auto = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
-    model = auto.from_pretrained(path, config=config, dtype=DTYPES[dtype], **common)
+    model = auto.from_pretrained(path, config=config, dtype=TORCH_DTYPES[dtype], **common)
     model.to(device)
     model.eval()
     model.requires_grad_(False)

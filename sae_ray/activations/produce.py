@@ -16,8 +16,7 @@ import torch
 
 from sae_ray.activations.hooks import ResolvedHook, capture_activations
 from sae_ray.activations.text import pack_documents
-
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from sae_ray.dtypes import STORAGE_DTYPES, as_storage
 
 
 @dataclass
@@ -37,20 +36,6 @@ class Shard:
         return len(self.tokens)
 
 
-def to_storage(t: torch.Tensor, dtype: str) -> np.ndarray:
-    """[n, d] tensor -> numpy in the buffer's storage dtype (bfloat16 -> uint16 bits)."""
-    return _as_storage(t, dtype).cpu().numpy().view(_NUMPY_STORAGE[dtype])
-
-
-_NUMPY_STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
-
-
-def _as_storage(t: torch.Tensor, dtype: str) -> torch.Tensor:
-    """Same device: t in the storage dtype; bfloat16 reinterpreted as int16 bits (numpy has no bfloat16)."""
-    t = t.to(TORCH_DTYPES[dtype])
-    return t.view(torch.int16) if dtype == "bfloat16" else t
-
-
 class _HostCopy:
     """Rows of one batch on their way to host memory.
 
@@ -62,17 +47,17 @@ class _HostCopy:
 
     def __init__(self, acts: dict[str, torch.Tensor], keep: np.ndarray, dtype: str, copy_stream=None):
         flat_keep = np.flatnonzero(keep.reshape(-1))
-        self.np_dtype = _NUMPY_STORAGE[dtype]
+        self.np_dtype = STORAGE_DTYPES[dtype]
         self.event = None
         if copy_stream is None:  # CPU: nothing to overlap
             index = torch.from_numpy(flat_keep)
-            self.host = {name: _as_storage(a.reshape(-1, a.shape[-1]).index_select(0, index.to(a.device)), dtype).cpu()
+            self.host = {name: as_storage(a.reshape(-1, a.shape[-1]).index_select(0, index.to(a.device)), dtype).cpu()
                          for name, a in acts.items()}
             return
         device = next(iter(acts.values())).device
         # an index (not a boolean mask) gathers without a device->host sync
         index = torch.from_numpy(flat_keep).pin_memory().to(device, non_blocking=True)
-        rows = {name: _as_storage(a.reshape(-1, a.shape[-1]).index_select(0, index), dtype) for name, a in acts.items()}
+        rows = {name: as_storage(a.reshape(-1, a.shape[-1]).index_select(0, index), dtype) for name, a in acts.items()}
         copy_stream.wait_stream(torch.cuda.current_stream(device))
         self.host = {}
         with torch.cuda.stream(copy_stream):

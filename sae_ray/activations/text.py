@@ -28,7 +28,9 @@ BUILDERS = {
 }
 
 
-def _looks_local(path: str) -> bool:
+def looks_local(path: str) -> bool:
+    """True when a model or dataset name means a local path (starts with `/`, `.` or `~`,
+    or exists) rather than a hub id."""
     return path.startswith(("/", ".", "~")) or os.path.exists(path)
 
 
@@ -66,7 +68,7 @@ def load_documents(
     is called, not at the first document (for non-streaming datasets; a
     streamed one is checked at its first row).
     """
-    if _looks_local(path):
+    if looks_local(path):
         if data_files is not None:
             raise ValueError(f"dataset {path!r}: data_files is for hub datasets; give the files as the path")
         builder, files = _local_files(path)
@@ -181,7 +183,6 @@ def pack_documents(
         )
     if batch_size < 1:
         raise ValueError(f"batch_size {batch_size} must be at least 1")
-    special = set(tokenizer.all_special_ids)
     pad = next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
 
     rows: list[tuple[list[int], list[int]]] = []  # (token ids, doc ids) per context
@@ -216,7 +217,7 @@ def pack_documents(
             doc[i, : len(d)] = d
             mask[i, : len(t)] = 1
         position = np.broadcast_to(np.arange(context_size, dtype=np.int32), ids.shape).copy()
-        keep = (mask == 1) & ~np.isin(ids, np.fromiter(special, dtype=np.int64))
+        keep = (mask == 1) & ~special_token_mask(tokenizer, ids)
         return PackedBatch(input_ids=ids, attention_mask=mask, doc_index=doc, position=position, keep=keep)
 
     index = doc_offset

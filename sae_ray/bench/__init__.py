@@ -39,7 +39,7 @@ def cmd_bench_synthetic(args) -> int:
           f"{bench.batch_size}, lr {bench.lr:g} (other TrainConfig fields: defaults); scored on "
           f"{bench.eval_rows:,} fresh rows")
     extras = "; ".join(f"{a} {e}" for a, e in bench.sae_extra.items()) or "none (each architecture's defaults)"
-    print(f"SAE extras: dead_tokens_threshold {bench.dead_tokens_threshold:,}; {extras}")
+    print(f"SAE extras: dead_tokens {bench.dead_tokens:,}; {extras}")
     rows = run_synthetic(problem, bench, _names(args.architectures))
     print()
     print(format_table(rows))

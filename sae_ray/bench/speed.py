@@ -122,7 +122,7 @@ def run_speed(d_in: int = 768, d_sae: int = 6144, batch: int = 4096,
     keep_memory: on CPU, keep freed memory in this process for reuse, as a sweep's trials do
     (`TrainConfig.keep_freed_memory`, `sae_ray.train.memory`); it is process-wide and for good."""
     from sae_ray.sae import ARCHITECTURES, SAEConfig, create_sae
-    from sae_ray.train.loop import pick_device
+    from sae_ray.devices import pick_device
     from sae_ray.train.memory import keep_freed_memory
 
     log = log or (lambda s: None)
@@ -154,7 +154,7 @@ def run_speed(d_in: int = 768, d_sae: int = 6144, batch: int = 4096,
     # 2. a full training step of one SAE
     x = torch.randn(batch, d_in, device=dev)
     result["single"] = {}
-    log(f"\n2. training step of one SAE (train_sae: forward, backward, pre_step, clip, Adam, post_step):")
+    log("\n2. training step of one SAE (train_sae: forward, backward, pre_step, clip, Adam, post_step):")
     for arch in architectures:
         sae = create_sae(SAEConfig(architecture=arch, d_in=d_in, d_sae=d_sae, **sparsity_setting(arch))).to(dev)
         seconds = time_training(sae, x, steps, warmup)

@@ -13,7 +13,6 @@ when its parent does). Every architecture is trained through the normal
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
@@ -195,7 +194,7 @@ SAE_EXTRA = {
     # level (~1 after scaling) one Adam step at a time and ε that narrow catches few z
     "jumprelu": {**AUXK, "bandwidth": 0.05, "threshold_init": 1.0},
 }
-"""Per-architecture `SAEConfig.extra` for the synthetic runs (besides dead_tokens_threshold);
+"""Per-architecture `SAEConfig.extra` for the synthetic runs ;
 an architecture not listed trains with its defaults."""
 
 
@@ -217,9 +216,9 @@ class BenchConfig:
     """Adam learning rate (higher than TrainConfig's 3e-4, which is for long runs on real
     activations; the other TrainConfig fields keep their defaults)."""
 
-    dead_tokens_threshold: int = 10_000
-    """SAEs' cfg.extra["dead_tokens_threshold"]: the 10M default would never call a latent
-    dead (and so never start AuxK) in a run this short."""
+    dead_tokens: int = 10_000
+    """train.dead_tokens for these runs: the 1M default would never call a latent dead (and so
+    never start AuxK) in a run this short."""
 
     sae_extra: dict[str, dict] = field(default_factory=lambda: {k: dict(v) for k, v in SAE_EXTRA.items()})
     """Per-architecture cfg.extra (see SAE_EXTRA); {} trains every architecture with its defaults."""
@@ -241,20 +240,21 @@ def train_one(problem: SyntheticConfig, bench: BenchConfig, architecture: str, v
     """Train one SAE on a fresh stream of `problem` (the same rows for every call) and score it."""
     from sae_ray.config import TrainConfig
     from sae_ray.eval.metrics import evaluate_sae
+    from sae_ray.devices import pick_device
     from sae_ray.sae import ARCHITECTURES, SAEConfig, create_sae
-    from sae_ray.train.loop import pick_device, train_sae
+    from sae_ray.train.loop import train_sae
 
     data = SyntheticActivations(problem)
     param = ARCHITECTURES[architecture].sparsity_param
     cfg = SAEConfig(
         architecture=architecture, d_in=problem.d, d_sae=round(bench.expansion * problem.n_features),
-        extra={"dead_tokens_threshold": bench.dead_tokens_threshold, **bench.sae_extra.get(architecture, {})},
+        extra=dict(bench.sae_extra.get(architecture, {})),
         **{param: value},
     )
     torch.manual_seed(bench.seed)
     sae = create_sae(cfg).to(pick_device(bench.device))
     train = TrainConfig(total_tokens=bench.total_tokens, batch_size=bench.batch_size, lr=bench.lr,
-                        device=bench.device, seed=bench.seed, log_every=10**9)
+                        device=bench.device, seed=bench.seed, log_every=10**9, dead_tokens=bench.dead_tokens)
     state = train_sae(sae, data.batches(bench.batch_size), train)
     ev = evaluate_sae(sae, data.fresh(bench.eval_rows))
     recovered, mean_cos = recovery(sae.W_dec, data.dictionary)

@@ -1,5 +1,5 @@
 """Metrics for trained SAEs."""
 
-from sae_ray.eval.metrics import FiringTracker, evaluate_sae, fvu, l0
+from sae_ray.eval.metrics import dead_fraction, dead_mask, evaluate_sae, fvu, l0, sse
 
-__all__ = ["FiringTracker", "evaluate_sae", "fvu", "l0"]
+__all__ = ["dead_fraction", "dead_mask", "evaluate_sae", "fvu", "l0", "sse"]

@@ -1,5 +1,8 @@
 """SAELens on-disk format: a directory with `cfg.json` and `sae_weights.safetensors`.
 
+`save_saelens(sae, path)` writes one; `load_sae_dir(path)` reads one back as the SAE it
+holds; `load_saelens(path)` gives the raw (config, tensors).
+
 cfg.json is a superset that both SAELens loaders read:
 - SAELens < 6 reads the flat keys (model_name, hook_name, activation_fn_str, ...);
 - SAELens >= 6 reads d_in, d_sae, dtype, device, apply_b_dec_to_input,
@@ -22,15 +25,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from sae_ray.sae.config import SAEConfig
-
-if TYPE_CHECKING:
-    from sae_ray.sae.base import SAE
+from sae_ray.sae import SAE, SAEConfig, create_sae
 
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
@@ -151,7 +152,11 @@ def from_saelens_cfg(raw: dict[str, Any], source: str | Path = CFG_FILENAME) -> 
 
 
 def save_saelens(sae: SAE, path: str | Path) -> Path:
-    """Write `path/sae_weights.safetensors` then `path/cfg.json`; returns `path`."""
+    """Write `path/sae_weights.safetensors` then `path/cfg.json` of a single SAE; returns `path`."""
+    if sae.n_stack is not None:
+        raise ValueError(
+            f"save_saelens: this is a stack of {sae.n_stack} SAEs; save each one of sae.unstack() to its own directory"
+        )
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().cpu().contiguous() for name, t in sae.saved_tensors().items()}
@@ -177,3 +182,23 @@ def load_saelens(path: str | Path) -> tuple[SAEConfig, dict[str, Tensor]]:
     if not isinstance(raw, dict):
         raise ValueError(f"{cfg_path}: expected a JSON object, got {type(raw).__name__}")
     return from_saelens_cfg(raw, source=cfg_path), load_file(weights_path)
+
+
+def load_sae_dir(path: str | Path, device: str | torch.device = "cpu", sae_cls: type[SAE] = SAE) -> SAE:
+    """Read a SAELens directory as the SAE its cfg.json names (our own architecture name, in its
+    "sae_ray" section, when it has one), on `device`. `sae_cls`: the class it must be (or subclass)."""
+    cfg, tensors = load_saelens(path)
+    try:
+        sae = create_sae(cfg)
+        if not isinstance(sae, sae_cls):
+            raise ValueError(
+                f"architecture {cfg.architecture!r} is a {type(sae).__name__}, "
+                f"not a {sae_cls.__name__}; load it with load_sae_dir(path)"
+            )
+    except ValueError as e:
+        raise ValueError(f"{Path(path) / CFG_FILENAME}: {e}") from e
+    try:
+        sae.load_saved_tensors(tensors)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"{Path(path) / WEIGHTS_FILENAME}: {e}") from e
+    return sae.to(device)

@@ -24,7 +24,7 @@ class BatchTopKSAE(TopKSAE):
     (the running minimum as in dictionary_learning; r = cfg.extra["topk_threshold_lr"],
     default 0.01 as SAELens). Before any training batch θ = 0 and eval is a plain ReLU.
     Saved as a SAELens "jumprelu" (threshold [d_sae] filled with θ, which runs as this
-    SAE's eval mode); cfg.json's "sae_ray" section keeps "batchtopk" and k, and `SAE.load`
+    SAE's eval mode); cfg.json's "sae_ray" section keeps "batchtopk" and k, and `load_sae_dir`
     gives back a BatchTopKSAE. Adam betas (0.9, 0.999).
     """
 

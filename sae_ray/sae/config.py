@@ -6,26 +6,12 @@ import numbers
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-import torch
 from torch import Tensor
 
-DTYPES = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-}
+from sae_ray.dtypes import torch_dtype
 
 SPARSITY_PARAMS = ("l1_coefficient", "l0_coefficient", "k")
 """The config fields an architecture's `sparsity_param` may name."""
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    """"float32" (or SAELens's "torch.float32") -> torch.float32."""
-    key = name.removeprefix("torch.")
-    if key not in DTYPES:
-        raise ValueError(f"dtype: {name!r} is not supported; use one of {sorted(DTYPES)}")
-    return DTYPES[key]
 
 
 @dataclass
@@ -70,9 +56,10 @@ class SAEConfig:
     """Parameter dtype: "float32", "bfloat16", "float16" or "float64"."""
 
     extra: dict = field(default_factory=dict)
-    """Anything else kept in cfg.json: architecture knobs (e.g. "dead_tokens_threshold",
-    "k_aux", "auxk_coefficient", "decoder_init_norm", "bandwidth", "prepend_bos"; each
-    architecture's `knobs` names its own, its docstring explains them) and training figures."""
+    """Anything else kept in cfg.json: architecture knobs (e.g. "k_aux", "auxk_coefficient",
+    "decoder_init_norm", "bandwidth", "prepend_bos"; each architecture's `knobs` names its
+    own, its docstring explains them) and training figures. Keys no architecture reads
+    (e.g. "dead_tokens_threshold" in older files) are kept and ignored."""
 
     def __post_init__(self) -> None:
         # plain Python numbers, so that cfg.json can be written (sweeps may hand in numpy ints)
@@ -91,7 +78,7 @@ class SAEConfig:
                 if not isinstance(value, numbers.Real) or isinstance(value, bool):
                     raise ValueError(f"SAEConfig.{name}: {value!r} is not a number")
                 setattr(self, name, float(value))
-        parse_dtype(self.dtype)
+        torch_dtype(self.dtype)
 
 
 class SAEOutput(NamedTuple):

@@ -73,13 +73,12 @@ class JumpReLUSAE(SAE):
     loss p_act above (Anthropic, "Circuits Updates", January 2025; SAELens's
     `pre_act_loss_coefficient`), which pulls the z of dead latents (`SAE.dead_mask`) up to θ
     until they fire again; and TopK's AuxK (`SAE.auxk_loss`), which trains them to explain
-    the residual. On the synthetic benchmark only AuxK brings JumpReLU to the true features.
+    the residual.
 
     Knobs in `cfg.extra`: "bandwidth" ε (default 0.001), "threshold_init" (default
     0.001), "l0_target" (optional; all members of a stack or none), "pre_act_coefficient"
-    c (default 0: off), "auxk_coefficient" (default 0: off) and "k_aux", and
-    "dead_tokens_threshold". The ε and θ defaults are Gemma Scope's and assume inputs
-    scaled to E||x||^2 = d_in; on short runs a wider ε (0.05) and θ near the noise level
+    c (default 0: off), "auxk_coefficient" (default 0: off) and "k_aux". The ε and θ
+    defaults are Gemma Scope's and assume inputs scaled to E||x||^2 = d_in; on short runs a wider ε (0.05) and θ near the noise level
     of z (1.0) learn far better (see `sae-ray bench synthetic`). θ stays in float32 (or
     wider) inside the estimators, but under bf16 autocast z itself is rounded to ~0.4%
     of |z|, coarser than ε = 0.001 near |z| ~ 1: the kernel then catches few points,

@@ -40,9 +40,8 @@ class TopKSAE(SAE):
     AuxK lets the dead latents (see `SAE.dead_mask`) learn to explain what the
     live ones miss; it uses their raw pre-activations, so latents stuck below
     zero still get a gradient. Knobs in `cfg.extra`: "k_aux" (default d_in // 2,
-    one value per stack), "auxk_coefficient" (default 1/32), "dead_tokens_threshold"
-    (default 10M). As in sparsify, `pre_step` removes the gradient along each
-    decoder row and `post_step` renormalises the rows. Init: W_dec rows random unit
+    one value per stack), "auxk_coefficient" (default 1/32). As in sparsify, `pre_step`
+    removes the gradient along each decoder row and `post_step` renormalises the rows. Init: W_dec rows random unit
     vectors, W_enc = W_dec^T, biases zero. Adam betas (0.9, 0.999) (Gao et al.).
     A stack may mix k: each member keeps its own k of the top max(k).
     """

@@ -15,16 +15,10 @@ import torch
 from torch import Tensor
 
 from sae_ray.config import TrainConfig
+from sae_ray.eval.metrics import dead_fraction, fvu, l0
 from sae_ray.sae import SAE, SAEOutput
 from sae_ray.train.init import MEDIAN_ROWS, expected_norm_scale, first_rows, init_b_dec
 from sae_ray.train.optim import Adam, clip_grad_norm_, lr_factor, sparsity_factor
-
-
-def pick_device(device: str) -> torch.device:
-    """'auto' means cuda when this process can see a GPU, else cpu."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 @dataclass
@@ -62,6 +56,9 @@ def train_sae(
     takes raw activations. Schedules count steps of a run of ceil(total_tokens / B) steps, B
     the first batch's rows (see `optim.lr_factor`, `optim.sparsity_factor`).
 
+    `sae.dead_tokens` is set to `train.dead_tokens`: the latents the dead-latent losses (AuxK,
+    JumpReLU's pre-activation loss) treat as dead are the ones counted in dead_fraction.
+
     Each step: set the lr and `sae.sparsity_scale`; forward (bf16 autocast per `train.autocast`);
     backward of the summed member losses (members are independent, so each gets its own
     gradient); `sae.pre_step()`; clip to `train.grad_clip_norm` (per member); Adam step
@@ -97,6 +94,7 @@ def train_sae(
     total_steps = math.ceil(train.total_tokens / first[0].shape[0])
 
     sae.train()
+    sae.dead_tokens = train.dead_tokens
     last_tokens, last_time = 0, start
     for x in _replay(first, batches):
         x = x.to(device, non_blocking=True).float()
@@ -121,7 +119,7 @@ def train_sae(
             now = time.perf_counter()
             per_s = (state.tokens_seen - last_tokens) / max(now - last_time, 1e-9)
             extra = {"sparsity_scale": sae.sparsity_scale, "tokens": float(state.tokens_seen), "tokens_per_s": per_s}
-            on_log(state.step, _metrics(sae, out, x, train.dead_tokens, [lr * lr_now for lr in lrs], extra))
+            on_log(state.step, _metrics(sae, out, x, [lr * lr_now for lr in lrs], extra))
             last_tokens, last_time = state.tokens_seen, now
         if done:
             break
@@ -130,7 +128,7 @@ def train_sae(
     if scale != 1.0:
         sae.fold_input_scale(scale)
     state.seconds = time.perf_counter() - start
-    state.dead_fraction = _dead_fraction(sae, train.dead_tokens).reshape(-1).tolist()
+    state.dead_fraction = dead_fraction(sae.tokens_since_fired, sae.dead_tokens).reshape(-1).tolist()
     return state
 
 
@@ -155,19 +153,11 @@ def _replay(first: list[Tensor], rest: Iterator[Tensor]) -> Iterator[Tensor]:
     yield from rest
 
 
-def _dead_fraction(sae: SAE, dead_tokens: int) -> Tensor:
-    """[K] (or scalar for one SAE): share of latents silent for `dead_tokens` tokens."""
-    return (sae.tokens_since_fired >= dead_tokens).float().mean(-1)
-
-
 @torch.no_grad()
-def _metrics(sae: SAE, out: SAEOutput, x: Tensor, dead_tokens: int, lrs: list[float],
-             extra: dict[str, float]) -> list[dict[str, float]]:
+def _metrics(sae: SAE, out: SAEOutput, x: Tensor, lrs: list[float], extra: dict[str, float]) -> list[dict[str, float]]:
     """One dict per member. x [B, d_in] (scaled); out.x_hat [B, d_in] or [K, B, d_in]."""
-    sse = (out.x_hat.float() - x).pow(2).sum((-2, -1))
-    fvu = sse / (x - x.mean(0)).pow(2).sum()
-    l0 = (out.feature_acts != 0).float().sum(-1).mean(-1)
-    named = {"loss": out.loss, "mse": out.mse, "fvu": fvu, "l0": l0, "dead_fraction": _dead_fraction(sae, dead_tokens)}
+    named = {"loss": out.loss, "mse": out.mse, "fvu": fvu(x, out.x_hat), "l0": l0(out.feature_acts),
+             "dead_fraction": dead_fraction(sae.tokens_since_fired, sae.dead_tokens)}
     named.update({f"{k}_loss": v for k, v in out.aux.items()})
     n = len(lrs)
     rows = torch.stack([torch.as_tensor(v, device=x.device).float().reshape(n) for v in named.values()]).T.tolist()

@@ -2,11 +2,11 @@
 
 A training step frees and allocates the same large tensors every time. glibc hands any block
 over 32 MB back to the kernel when it is freed (munmap), and the kernel zeroes each page again
-when the next step touches it. On CPU that costs a single SAE (d_sae 6144, batch 4096) about a
-tenth of its step, and a stack of K more, since its temporaries are K times larger. With
-glibc's mmap and trimming off, freed blocks stay in the heap and the next step reuses them.
-The price: the process keeps its peak memory until it exits, so only our own training and
-benchmark processes turn it on, never `train_sae` itself.
+when the next step touches it. On CPU that is a noticeable share of a training step, and larger
+for a stack of K, whose temporaries are K times larger (the README's benchmark section has the
+figures, from `sae-ray bench train`). With glibc's mmap and trimming off, freed blocks stay
+in the heap and the next step reuses them. The price: the process keeps its peak memory until
+it exits, so only our own training and benchmark processes turn it on, never `train_sae` itself.
 """
 
 from __future__ import annotations
