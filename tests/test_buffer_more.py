@@ -11,7 +11,6 @@ import subprocess
 import threading
 import time
 import uuid
-import warnings
 
 import fsspec
 import numpy as np

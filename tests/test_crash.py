@@ -18,14 +18,13 @@ import ray
 import yaml
 
 from sae_ray.actors.coordinator import coordinator_name
-from sae_ray.actors.producer import TEST_DELAY_ENV
 from sae_ray.buffer import ActivationBuffer
 from sae_ray.config import validate_config
 from sae_ray.preflight import preflight
 from test_production import HOOK, assert_same, buffer_contents, reference_contents
 from tiny_models import write_jsonl
 
-DELAY = "0.06"  # seconds per document read and between writing and committing a shard (tests only)
+DELAY = 0.06  # producers.debug_delay_s: seconds per document read and between writing and committing a shard
 
 
 @pytest.fixture(scope="module")
@@ -35,13 +34,14 @@ def local_ray():
     ray.shutdown()
 
 
-def make_config(workdir, model_dir, data, count=2):
+def make_config(workdir, model_dir, data, count=2, debug_delay_s=0.0):
     return validate_config({
         "name": "crash", "workdir": str(workdir), "model": {"name": model_dir},
         "data": {"path": data, "context_size": 24, "batch_size": 2},
         "hooks": [{"layer": 1, "site": "resid_post"}],
         "buffer": {"n_tokens": 10_000_000, "shard_rows": 128, "chunk_rows": 32},
-        "producers": {"count": count, "num_cpus": 0.5, "max_restarts": 2, "write_queue": 2},
+        "producers": {"count": count, "num_cpus": 0.5, "max_restarts": 2, "write_queue": 2,
+                      "debug_delay_s": debug_delay_s},
         "sae": {"architectures": ["topk"], "expansion_factor": [2], "k": [4]},
     }).with_absolute_paths()
 
@@ -60,14 +60,9 @@ def total(reference) -> int:
     return len(reference["rows"])
 
 
-@pytest.fixture
-def slow_producers(monkeypatch):
-    monkeypatch.setenv(TEST_DELAY_ENV, DELAY)
-
-
 def start(cfg):
     """start_production; returns (refs, coordinator handle)."""
-    from sae_ray.sweep import _PRODUCTION, start_production
+    from sae_ray.sweep.production import _PRODUCTION, start_production
 
     refs = start_production(cfg, preflight(cfg), progress_every=None)
     return refs, _PRODUCTION[coordinator_name(cfg.buffer_path())][0]
@@ -83,9 +78,9 @@ def wait_for(coordinator, condition, what: str, timeout: float = 90) -> dict:
         time.sleep(0.01)
 
 
-def test_producer_killed_mid_shard_resumes_exactly(setup, local_ray, slow_producers):
+def test_producer_killed_mid_shard_resumes_exactly(setup, local_ray):
     model_dir, data, tmp, reference = setup
-    cfg = make_config(tmp / "producer_kill", model_dir, data)
+    cfg = make_config(tmp / "producer_kill", model_dir, data, debug_delay_s=DELAY)
     refs, coordinator = start(cfg)
     # Kill rank 0 once it has committed a few shards and has just claimed another: the kill lands while
     # that shard is being written (its commit is >= 60 ms away) and while the next one fills in memory.
@@ -111,9 +106,9 @@ def test_producer_killed_mid_shard_resumes_exactly(setup, local_ray, slow_produc
     assert_same(buffer_contents(cfg.buffer_path(), 2), reference)
 
 
-def test_coordinator_killed_restarts_from_disk(setup, local_ray, slow_producers):
+def test_coordinator_killed_restarts_from_disk(setup, local_ray):
     model_dir, data, tmp, reference = setup
-    cfg = make_config(tmp / "coordinator_kill", model_dir, data)
+    cfg = make_config(tmp / "coordinator_kill", model_dir, data, debug_delay_s=DELAY)
     refs, coordinator = start(cfg)
     status = wait_for(coordinator, lambda s: s["shards_committed"] >= 3 and s["claims"] and not s["complete"],
                       "a few commits")
@@ -146,13 +141,13 @@ def test_whole_run_killed_resumes_on_the_next_run(setup, local_ray, tmp_path, ca
     from sae_ray.sweep import run_cache
 
     model_dir, data, tmp, reference = setup
-    cfg = make_config(tmp_path / "work", model_dir, data)
-    config = tmp_path / "cache.yaml"
-    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    cfg = make_config(tmp_path / "work", model_dir, data)  # the resume below runs at full speed
+    config = tmp_path / "cache.yaml"  # the killed run has slow producers
+    config.write_text(yaml.safe_dump(make_config(tmp_path / "work", model_dir, data, debug_delay_s=DELAY).model_dump(mode="json")))
     script = SCRIPT.format(tests=str(Path(__file__).parent), config=str(config))
     # its own Ray, in its own process group: the driver, Ray's daemons and the actors all die at once
-    run = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, TEST_DELAY_ENV: DELAY},
-                           start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run = subprocess.Popen([sys.executable, "-c", script], start_new_session=True, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 300  # generous: a busy machine starts Ray slowly
         while True:  # kill once a few shards are committed

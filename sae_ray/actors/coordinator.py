@@ -1,6 +1,6 @@
 """BufferCoordinator: the one process that changes the buffer's metadata.
 
-A thin actor over `ShardLedger` (sae_ray.actors.ledger): it hands out shard ids, grows the
+A thin actor over `ShardLedger` (sae_ray.buffer.ledger): it hands out shard ids, grows the
 arrays before a shard is written, records commits in the group's attributes, runs the bounded
 window and marks the buffer complete when every producer has finished. Activations never pass
 through it, only ids and counts. Its state lives on disk, so when its process dies Ray restarts
@@ -19,8 +19,8 @@ import time
 
 import ray
 
-from sae_ray.actors.ledger import ShardLedger
 from sae_ray.buffer import ActivationBuffer
+from sae_ray.buffer.ledger import ShardLedger
 
 
 def coordinator_name(buffer_path: str) -> str:
@@ -41,9 +41,10 @@ class BufferCoordinator:
         """A fresh shard id for a producer that holds a full shard; None once enough shards exist; "wait" while the window is full."""
         return self.ledger.claim(rank)
 
-    def commit_shard(self, rank: int, shard_id: int, n_rows: int) -> None:
-        """The producer has written the shard whole; from now on readers may see it."""
-        self.ledger.commit(rank, shard_id, n_rows)
+    def commit_shard(self, rank: int, shard_id: int, n_rows: int, objects: dict | None = None) -> None:
+        """The producer has written the shard whole; from now on readers may see it. objects: the
+        sizes and sha256 of its objects, as `write_shard` returned them (the data never comes here)."""
+        self.ledger.commit(rank, shard_id, n_rows, objects)
 
     def producer_finished(self, rank: int) -> None:
         self.ledger.producer_finished(rank)

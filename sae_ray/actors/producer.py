@@ -4,7 +4,12 @@ A thin shell over `sae_ray.activations.produce.iter_shards` and `ShardWriter`: t
 passes fill shards, a background thread claims an id from the coordinator for each, writes it
 once and commits it. When its process dies Ray restarts it (`producers.max_restarts`) and
 retries `run`; `run` asks the coordinator how many rows this rank already committed (read
-from the buffer) and resumes exactly after them.
+from the buffer) and resumes exactly after them. Each commit carries the sizes and sha256 of
+the shard's objects as written (`write_shard`'s answer); the data itself never reaches the
+coordinator.
+
+`producers.debug_delay_s` (a debugging option; crash drills use it) sleeps per document
+read and between writing and committing each shard, so that a kill lands mid-shard.
 """
 
 from __future__ import annotations
@@ -21,14 +26,10 @@ from sae_ray.activations.hooks import resolve_hook
 from sae_ray.activations.model import load_model
 from sae_ray.activations.produce import iter_shards
 from sae_ray.activations.text import load_documents
-from sae_ray.actors.writer import ShardWriter
 from sae_ray.buffer import ActivationBuffer
+from sae_ray.buffer.writer import ShardWriter
 from sae_ray.config import RunConfig
-from sae_ray.train.loop import pick_device
-
-TEST_DELAY_ENV = "SAE_RAY_TEST_PRODUCER_DELAY_S"
-"""Tests only: seconds slept per document read and between writing and committing each shard,
-so that a kill lands in the middle of a shard."""
+from sae_ray.devices import pick_device
 
 
 def _slowed(docs: Iterable[str], delay_s: float) -> Iterator[str]:
@@ -62,16 +63,21 @@ class ActivationProducer:
                               trust_remote_code=cfg.model.trust_remote_code)
         docs = itertools.islice(docs, d.max_documents)
         mine = itertools.islice(docs, rank, None, self.world)
-        delay = float(os.environ.get(TEST_DELAY_ENV) or 0)
+        delay = cfg.producers.debug_delay_s
         if delay:
             mine = _slowed(mine, delay)
+        written: dict[int, dict] = {}  # shard id -> its objects' sizes and hashes, until committed
 
-        writer = ShardWriter(
-            write=lambda shard_id, s: buffer.write_shard(shard_id, s.acts, s.tokens, s.doc_index, s.position),
-            claim=lambda: ray.get(coordinator.claim_shard.remote(rank)),
-            commit=lambda shard_id, n: ray.get(coordinator.commit_shard.remote(rank, shard_id, n)),
-            max_queue=cfg.producers.write_queue, delay_s=delay, where=f"producer {rank}, buffer {buffer.path!r}: ",
-        )
+        def write(shard_id: int, s) -> None:
+            written[shard_id] = buffer.write_shard(shard_id, s.acts, s.tokens, s.doc_index, s.position)
+
+        def commit(shard_id: int, n: int) -> None:
+            if delay:
+                time.sleep(delay)
+            ray.get(coordinator.commit_shard.remote(rank, shard_id, n, written.pop(shard_id)))
+
+        writer = ShardWriter(write=write, claim=lambda: ray.get(coordinator.claim_shard.remote(rank)), commit=commit,
+                             max_queue=cfg.producers.write_queue, where=f"producer {rank}, buffer {buffer.path!r}: ")
         try:
             for shard in iter_shards(model, tokenizer, hooks, mine, d.context_size, d.batch_size,
                                      cfg.buffer.shard_rows, cfg.buffer.dtype, seed=cfg.train.seed + rank,

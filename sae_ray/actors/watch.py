@@ -3,7 +3,7 @@
 `watch` blocks until every producer is done (one updating line on a terminal, else a line
 every `every` seconds) and raises a producer's error as soon as it happens;
 `watch_in_background` prints a line every `every` seconds from a daemon thread, for a driver
-that is busy with something else (the sweep). The formatting is `sae_ray.progress`.
+that is busy with something else (the sweep). The formatting is `sae_ray.buffer.progress`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import threading
 
 import ray
 
-from sae_ray.progress import format_progress
+from sae_ray.buffer.progress import format_progress
 
 
 def watch(coordinator, refs: list, every: float | None = None, prefix: str = "[sae-ray] buffer ") -> list:

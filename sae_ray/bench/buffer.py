@@ -25,9 +25,9 @@ from sae_ray.activations.hooks import resolve_hook
 from sae_ray.activations.model import load_model
 from sae_ray.activations.produce import iter_shards
 from sae_ray.activations.text import load_documents
-from sae_ray.actors.writer import ShardWriter
 from sae_ray.buffer import ActivationBuffer, BufferReader
 from sae_ray.buffer.info import buffer_info
+from sae_ray.buffer.writer import ShardWriter
 from sae_ray.config import TrainConfig
 from sae_ray.sae import SAEConfig, create_sae
 from sae_ray.train.loop import train_sae
@@ -44,8 +44,12 @@ def _produce(model, tok, hook, docs, rows, shard_rows, context_size, batch_size,
 
     writer = None
     if buffer is not None:
-        writer = ShardWriter(lambda i, s: buffer.write_shard(i, s.acts, s.tokens, s.doc_index, s.position), claim,
-                             lambda i, n: buffer.commit_shard(i, n))
+        written: dict[int, dict] = {}  # shard id -> its objects' sizes and hashes, as the producer commits them
+
+        def write(i: int, s) -> None:
+            written[i] = buffer.write_shard(i, s.acts, s.tokens, s.doc_index, s.position)
+
+        writer = ShardWriter(write, claim, lambda i, n: buffer.commit_shard(i, n, written.pop(i)))
     start = time.perf_counter()
     for shard in iter_shards(model, tok, [hook], docs, context_size, batch_size, shard_rows, "float32", max_rows=rows):
         if writer is not None:
@@ -133,9 +137,9 @@ def run_buffer_bench(model_name: str, rows: int = 65_536, shard_rows: int = 16_3
                                                 codec=codec)
             for s in buf.committed():
                 b.ensure_capacity(s + 1)
-                b.write_shard(s, {hook.name: buf.read_rows(hook.name, s)}, buf.read_tokens(s),
-                              buf.read_column("doc_index", s), buf.read_column("position", s))
-                b.commit_shard(s, buf.committed()[s])
+                objects = b.write_shard(s, {hook.name: buf.read_rows(hook.name, s)}, buf.read_tokens(s),
+                                        buf.read_column("doc_index", s), buf.read_column("position", s))
+                b.commit_shard(s, buf.committed()[s], objects)
             ratios[codec] = acts_ratio(str(tmp / codec))
         out["compression"] = ratios
         print("   compression ratio of the activations (uncompressed / on disk, float32): "

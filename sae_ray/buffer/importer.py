@@ -31,7 +31,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .store import TORCH_DTYPE, ActivationBuffer
+from sae_ray.dtypes import TORCH_DTYPES
+
+from .store import ActivationBuffer
 
 TOKEN_COLUMNS = ("token_ids", "tokens", "input_ids")
 _FLOATS = {"float16": "float16", "float32": "float32", "float64": "float32", "bfloat16": "bfloat16"}
@@ -56,7 +58,7 @@ class _Source:
         for hook, d_in in self.hooks.items():
             x = self._get_acts(hook, first, last)
             x = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
-            acts[hook] = x.reshape(-1, d_in)[cut].to(TORCH_DTYPE[dtype]).contiguous()
+            acts[hook] = x.reshape(-1, d_in)[cut].to(TORCH_DTYPES[dtype]).contiguous()
         rows = np.arange(lo, hi)
         if self._get_tokens is not None:
             t = self._get_tokens(first, last)
@@ -263,7 +265,7 @@ def import_activations(
             continue
         lo, hi = shard_id * shard_rows, min((shard_id + 1) * shard_rows, source.n_rows)
         acts, tokens, doc, pos = source.read(lo, hi, dtype)
-        buf.write_shard(shard_id, acts, tokens, doc, pos)
-        buf.commit_shard(shard_id, hi - lo)
+        objects = buf.write_shard(shard_id, acts, tokens, doc, pos)
+        buf.commit_shard(shard_id, hi - lo, objects)
     buf.mark_complete()
     return buf

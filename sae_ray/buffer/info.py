@@ -7,10 +7,14 @@ from typing import Any
 
 import numpy as np
 
-from .store import _COLUMNS, _STORAGE_DTYPE, ActivationBuffer
+from sae_ray.dtypes import STORAGE_DTYPES
+
+from .layout import COLUMNS
+from .records import Problem
+from .store import ActivationBuffer
 
 
-def buffer_info(path: str | os.PathLike) -> dict[str, Any]:
+def buffer_info(path: str | os.PathLike, verify: bool = False) -> dict[str, Any]:
     """Figures of the buffer at ``path`` (local or fsspec URL), read without changing anything.
 
     Keys: path, fingerprint, hooks {name: d_in}, dtype (logical), codec, codec_level,
@@ -18,44 +22,53 @@ def buffer_info(path: str | os.PathLike) -> dict[str, Any]:
     shards_dropped, complete, window_bytes, production, bytes_on_disk (live shards, all
     arrays, with shard indexes and checksums), bytes_uncompressed (the same rows as plain
     arrays), compression_ratio (uncompressed / on disk; 0.0 when empty), and per_array
-    {name: {bytes_on_disk, bytes_uncompressed, compression_ratio}}.
+    {name: {bytes_on_disk, bytes_uncompressed, compression_ratio}}. ``verify``: also
+    ``problems``, one line per thing ``ActivationBuffer.verify`` found wrong ([]: sound).
     """
     buf = ActivationBuffer.open(path)
-    attrs = buf._attrs()
-    committed = buf.committed()
-    dropped = buf.dropped()
+    state = buf.commit_state()
+    committed, dropped = state.committed, state.dropped
     rows = sum(committed.values())
     on_disk = buf.nbytes_by_array(committed)
-    row_bytes = {f"acts/{h}": d * np.dtype(_STORAGE_DTYPE[buf.dtype]).itemsize for h, d in buf.hooks.items()}
-    row_bytes.update({name: np.dtype(dt).itemsize for name, dt in _COLUMNS.items()})
+    row_bytes = {f"acts/{h}": d * np.dtype(STORAGE_DTYPES[buf.dtype]).itemsize for h, d in buf.hooks.items()}
+    row_bytes.update({name: np.dtype(dt).itemsize for name, dt in COLUMNS.items()})
     per_array = {}
     for name, disk in on_disk.items():
         raw = rows * row_bytes[name]
         per_array[name] = {"bytes_on_disk": disk, "bytes_uncompressed": raw, "compression_ratio": _ratio(raw, disk)}
     total_disk = sum(on_disk.values())
     total_raw = sum(a["bytes_uncompressed"] for a in per_array.values())
-    return {
+    info = {
         "path": buf.path,
         "fingerprint": buf.fingerprint,
         "hooks": dict(buf.hooks),
         "dtype": buf.dtype,
         "codec": buf.codec,
         "codec_level": buf.codec_level,
-        "checksums": buf.checksums,
         "shard_rows": buf.shard_rows,
         "chunk_rows": buf.chunk_rows,
         "rows": rows,
         "shards_committed": len(committed),
         "rows_dropped": sum(dropped.values()),
         "shards_dropped": len(dropped),
-        "complete": bool(attrs.get("complete", False)),
-        "window_bytes": attrs.get("window_bytes"),
-        "production": dict(attrs.get("production", {})),
+        "complete": state.complete,
+        "window_bytes": state.window_bytes,
+        "production": buf.production(),
         "bytes_on_disk": total_disk,
         "bytes_uncompressed": total_raw,
         "compression_ratio": _ratio(total_raw, total_disk),
         "per_array": per_array,
     }
+    if verify:
+        info["problems"] = [str(p) for p in buf.verify()]
+    return info
+
+
+def format_problems(problems: list[Problem | str], shards: int, arrays: int) -> str:
+    """The outcome of a verification as lines: OK, or one line per problem (shard, array, what is wrong)."""
+    if not problems:
+        return f"verify      OK: {shards} committed shards x {arrays} arrays match their commit records"
+    return "\n".join([f"verify      {len(problems)} problem(s):", *(f"  {p}" for p in problems)])
 
 
 def _ratio(raw: int, disk: int) -> float:
@@ -84,7 +97,7 @@ def format_info(info: dict[str, Any]) -> str:
         lines.append(f"dropped     {info['rows_dropped']:,} rows in {info['shards_dropped']} shards (window {window})")
     lines += [
         f"dtype       {info['dtype']}",
-        f"codec       {codec}{', crc32c checksums' if info.get('checksums') else ''}",
+        f"codec       {codec}, crc32c per chunk; size and xxh3_128 of every shard object in its commit record",
         f"on disk     {_size(info['bytes_on_disk'])} ({_size(info['bytes_uncompressed'])} uncompressed, "
         f"ratio {info['compression_ratio']:.2f}x)",
         "hooks",

@@ -15,7 +15,6 @@ the batches an uninterrupted reader would have yielded next.
 from __future__ import annotations
 
 import json
-import queue
 import threading
 import time
 import warnings
@@ -26,12 +25,19 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from .store import TORCH_DTYPE, ActivationBuffer, CorruptShardError, ShardDroppedError, check_reader_id
+from sae_ray.dtypes import TORCH_DTYPES
+
+from .errors import CorruptShardError, ShardDroppedError
+from .layout import check_reader_id
+from .prefetch import Prefetcher
+from .store import ActivationBuffer
 
 STATE_VERSION = 1
 ON_CORRUPT = ("fail", "skip")
 # state keys that must match the reader's own settings: another value gives another stream
 _SETTINGS = ("hook", "batch_size", "seed", "shards_in_mix")
+# position keys a state saved before they existed may lack (they start at 0)
+_OPTIONAL = ("shards_skipped",)
 
 
 @dataclass
@@ -48,6 +54,7 @@ class _Mix:
     after: dict
     passed: list[int]
     rows_skipped: int
+    shards_skipped: int
 
 
 @dataclass
@@ -56,52 +63,6 @@ class _End:
 
     after: dict
     passed: list[int]
-
-
-class _Prefetcher:
-    """Runs a generator of mixes in a daemon thread, at most ``depth`` items ahead.
-    Iterating it yields the items; an exception in the thread is raised here."""
-
-    def __init__(self, source: Iterator, depth: int, stop: threading.Event):
-        self.queue: queue.Queue = queue.Queue(maxsize=depth)
-        self.stop = stop
-        self.thread = threading.Thread(target=self._run, args=(source,), daemon=True, name="BufferReader-prefetch")
-        self.thread.start()
-
-    def _put(self, item: tuple) -> bool:
-        while not self.stop.is_set():
-            try:
-                self.queue.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _run(self, source: Iterator) -> None:
-        try:
-            for item in source:
-                if not self._put(("item", item)):
-                    return
-            self._put(("end", None))
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            self._put(("error", e))
-        finally:
-            source.close()
-
-    def __iter__(self) -> Iterator:
-        while True:
-            kind, item = self.queue.get()
-            if kind == "item":
-                yield item
-            elif kind == "end":
-                return
-            else:
-                raise item
-
-    def close(self, timeout: float = 10.0) -> None:
-        self.stop.set()
-        if self.thread is not threading.current_thread():
-            self.thread.join(timeout)
 
 
 class BufferReader:
@@ -117,12 +78,15 @@ class BufferReader:
     last < batch_size rows are not yielded). Dropped shards are never read.
 
     ``on_corrupt``: "fail" raises ``CorruptShardError``; "skip" skips the shard, adds its
-    rows to ``rows_skipped`` and warns. ``prefetch``: mixes read ahead by a background
-    thread (0: none). ``reader_id``: if set, after each mix the shards fully consumed in
-    the current epoch are written to ``<buffer>/readers/<reader_id>.json`` (what the
-    coordinator of a bounded window waits for). ``state``: a ``state_dict()`` to resume
+    rows to ``rows_skipped``, counts it in ``shards_skipped`` and warns (a shard skipped in
+    several epochs counts each time; an epoch in which every shard was skipped raises
+    ValueError). ``prefetch``: mixes read ahead by a background thread (0: none).
+    ``reader_id``: if set, after each mix the shards fully consumed in the current epoch
+    are written to ``<buffer>/readers/<reader_id>.json`` (what the coordinator of a
+    bounded window waits for). ``state``: a ``state_dict()`` to resume
     from. ``rows_read`` counts rows yielded, ``rows_skipped`` rows lost to damaged or
-    dropped shards, ``epoch`` is the epoch of the last batch yielded.
+    dropped shards, ``shards_skipped`` the shards they were in, ``epoch`` is the epoch of
+    the last batch yielded.
 
     Memory: about ``(prefetch + 2) * shards_in_mix * shard_rows * d_in`` stored values.
     """
@@ -173,6 +137,7 @@ class BufferReader:
         self._pos = self._start
         self.rows_read = 0
         self.rows_skipped = 0
+        self.shards_skipped = 0
         self.epoch = 0
         self._current: weakref.ref | None = None
         if state is not None:
@@ -197,14 +162,15 @@ class BufferReader:
             if state.get(key) != getattr(self, key):
                 raise ValueError(f"{where}: state was saved with {key}={state.get(key)!r} but this reader has "
                                  f"{key}={getattr(self, key)!r}; resume with the same {', '.join(_SETTINGS)}")
-        missing = [k for k in _fresh_position() if k not in state]
+        missing = [k for k in _fresh_position() if k not in state and k not in _OPTIONAL]
         if missing:
             raise ValueError(f"{where}: state lacks {missing}; pass a dict from state_dict()")
         self.close()
-        self._start = {k: state[k] for k in _fresh_position()}
+        self._start = {**_fresh_position(), **{k: state[k] for k in _fresh_position() if k in state}}
         self._pos = self._start
         self._start_rows_read = self.rows_read = int(state.get("rows_read", 0))
         self.rows_skipped = int(state["rows_skipped"])
+        self.shards_skipped = int(self._start["shards_skipped"])
         self.epoch = int(state["epoch"])
 
     # ------------------------------------------------------------------ iteration
@@ -217,6 +183,7 @@ class BufferReader:
         self._pos = start
         self.rows_read = self._start_rows_read
         self.rows_skipped = int(start["rows_skipped"])
+        self.shards_skipped = int(start["shards_skipped"])
         self.epoch = int(start["epoch"])
         it = self._batches(start)
         self._current = weakref.ref(it)
@@ -235,7 +202,7 @@ class BufferReader:
         source = self._mixes(start, stop)
         prefetcher = None
         if self.prefetch:
-            prefetcher = _Prefetcher(source, self.prefetch, stop)
+            prefetcher = Prefetcher(source, self.prefetch, stop)
             items: Iterator = iter(prefetcher)
         else:
             items = source
@@ -245,7 +212,7 @@ class BufferReader:
                     self._pos = item.after
                     self._record_progress(item.passed, item.after["epoch"])
                     return
-                self.rows_skipped = item.rows_skipped
+                self.rows_skipped, self.shards_skipped = item.rows_skipped, item.shards_skipped
                 n = len(item.batches)
                 for j, batch in enumerate(item.batches):
                     self.epoch = int(item.before["epoch"])
@@ -277,27 +244,24 @@ class BufferReader:
 
     # ------------------------------------------------------------------ producer side (may run in a thread)
 
-    def _read_shard(self, shard_id: int, skipped: int) -> tuple[torch.Tensor | None, int]:
-        """The shard's rows [n, d_in] (stored dtype), or None if skipped; and rows skipped so far."""
+    def _read_shard(self, shard_id: int, skips: "_Skips") -> torch.Tensor | None:
+        """The shard's rows [n, d_in] (stored dtype), or None if skipped (counted in ``skips``)."""
         try:
-            return self.buffer.read_tensor(self.hook, shard_id), skipped
+            return self.buffer.read_tensor(self.hook, shard_id)
         except (CorruptShardError, ShardDroppedError) as e:
             if isinstance(e, CorruptShardError) and self.on_corrupt == "fail":
                 raise
-            n = self._shard_rows_known(shard_id)
-            skipped += n
+            state = self.buffer.commit_state()
+            n = state.committed.get(shard_id, state.dropped.get(shard_id, 0))
+            skips.add(n)
             warnings.warn(f"BufferReader on buffer {self.buffer.path!r}: skipped shard {shard_id} ({n} rows; "
-                          f"{skipped} rows skipped so far): {e}", RuntimeWarning, stacklevel=2)
-            return None, skipped
+                          f"{skips.rows} rows skipped so far): {e}", RuntimeWarning, stacklevel=2)
+            return None
 
-    def _shard_rows_known(self, shard_id: int) -> int:
-        n = self.buffer.committed().get(shard_id)
-        return n if n is not None else self.buffer.dropped().get(shard_id, 0)
-
-    def _read_ids(self, ids: np.ndarray, skipped: int) -> tuple[torch.Tensor, np.ndarray, int]:
+    def _read_ids(self, ids: np.ndarray, skips: "_Skips") -> tuple[torch.Tensor, np.ndarray]:
         """Rows named by ``ids`` [n, 2] of (shard, row), read again in that order (a resumed
-        carry): ([n', d_in] stored dtype, their ids [n', 2], rows skipped so far)."""
-        out = torch.empty(len(ids), self.d_in, dtype=TORCH_DTYPE[self.buffer.dtype])
+        carry): ([n', d_in] stored dtype, their ids [n', 2]); lost rows are counted in ``skips``."""
+        out = torch.empty(len(ids), self.d_in, dtype=TORCH_DTYPES[self.buffer.dtype])
         keep = np.ones(len(ids), dtype=bool)
         for s in np.unique(ids[:, 0]).tolist():
             mask = ids[:, 0] == s
@@ -307,12 +271,12 @@ class BufferReader:
                 if isinstance(e, CorruptShardError) and self.on_corrupt == "fail":
                     raise
                 keep &= ~mask
-                skipped += int(mask.sum())
+                skips.add(int(mask.sum()))
                 warnings.warn(f"BufferReader on buffer {self.buffer.path!r}: {int(mask.sum())} carried rows of shard {s} "
-                              f"are lost ({skipped} rows skipped so far): {e}", RuntimeWarning, stacklevel=2)
+                              f"are lost ({skips.rows} rows skipped so far): {e}", RuntimeWarning, stacklevel=2)
                 continue
             out[torch.from_numpy(mask)] = rows[torch.from_numpy(ids[mask, 1])]
-        return out[torch.from_numpy(keep)], ids[keep], skipped
+        return out[torch.from_numpy(keep)], ids[keep]
 
     def _mixes(self, start: dict, stop: threading.Event) -> Iterator[_Mix | _End]:
         """Producer side: from position ``start``, every mix in turn (see ``_Mix``)."""
@@ -321,41 +285,47 @@ class BufferReader:
             return
         epoch, m = int(start["epoch"]), int(start["mix"])
         pool, seen = [int(s) for s in start["pool"]], {int(s) for s in start["seen"]}
-        skipped = int(start["rows_skipped"])
+        skips = _Skips(int(start["rows_skipped"]), int(start["shards_skipped"]))
         carry_ids = np.asarray(start["carry"], dtype=np.int64).reshape(-1, 2)
-        carry, carry_ids, skipped = self._read_ids(carry_ids, skipped)
+        carry, carry_ids = self._read_ids(carry_ids, skips)
         mix = [int(s) for s in start["mix_shards"]]
         done = int(start["batches_done"])
         waiting_since: float | None = None
+        # whether this epoch, read from its start, has given any row (an epoch of only skipped shards raises)
+        epoch_rows: int | None = 0 if (m == 0 and not carry_ids.size and not mix) else None
 
         while True:
             if not mix:  # between mixes: top up the pool, or change epoch, or wait, or end
                 done = 0
                 if len(pool) < self.shards_in_mix:
-                    complete = self.buffer.is_complete()  # read before committed(): no commit follows complete
-                    committed = self.buffer.committed()
-                    pool = [s for s in pool if s in committed]  # dropped meanwhile
-                    new = [s for s in committed if s not in seen]
+                    state = self.buffer.commit_state()  # one read: complete, committed and windowed agree
+                    pool = [s for s in pool if s in state.committed]  # dropped meanwhile
+                    new = [s for s in state.committed if s not in seen]
                     if new:
                         seen.update(new)
                         pool.extend(new)
                         np.random.default_rng((self.seed, epoch, 1, len(seen))).shuffle(pool)
                     if not pool:
-                        if complete:
-                            if self.buffer.is_windowed():
+                        if state.complete:
+                            if state.windowed:
                                 after = {**_fresh_position(), "epoch": epoch, "mix": m, "seen": sorted(seen),
-                                         "rows_skipped": skipped, "finished": True}
+                                         "rows_skipped": skips.rows, "shards_skipped": skips.shards, "finished": True}
                                 yield _End(after=after, passed=sorted(seen))
                                 return
-                            if not committed:
+                            if not state.committed:
                                 raise ValueError(f"buffer at {self.buffer.path!r} is complete but has no committed rows")
-                            epoch, m, seen = epoch + 1, 0, set()
+                            if epoch_rows == 0:
+                                raise ValueError(
+                                    f"BufferReader on buffer {self.buffer.path!r}: every shard of epoch {epoch} was skipped "
+                                    f"as damaged ({skips.shards} shards, {skips.rows} rows skipped so far): nothing is left "
+                                    "to read. See `sae-ray buffer info PATH --verify`, and re-produce the buffer")
+                            epoch, m, seen, epoch_rows = epoch + 1, 0, set(), 0
                             continue
                         waiting_since = waiting_since or time.monotonic()
                         if time.monotonic() - waiting_since > self.timeout_seconds:
                             raise TimeoutError(
                                 f"no new shard committed to buffer at {self.buffer.path!r} in {self.timeout_seconds} s "
-                                f"({len(committed)} committed shards, all read; buffer not marked complete). "
+                                f"({len(state.committed)} committed shards, all read; buffer not marked complete). "
                                 "Are the producers running?"
                             )
                         if stop.wait(self.poll_seconds):
@@ -365,13 +335,16 @@ class BufferReader:
                 mix, pool = pool[: self.shards_in_mix], pool[self.shards_in_mix :]
 
             before = {"epoch": epoch, "mix": m, "pool": list(pool), "seen": sorted(seen), "mix_shards": list(mix),
-                      "carry": carry_ids.tolist(), "batches_done": done, "rows_skipped": skipped, "finished": False}
+                      "carry": carry_ids.tolist(), "batches_done": done, "rows_skipped": skips.rows,
+                      "shards_skipped": skips.shards, "finished": False}
             parts, ids = [carry], [carry_ids]
             for s in mix:
-                rows, skipped = self._read_shard(s, skipped)
+                rows = self._read_shard(s, skips)
                 if rows is not None:
                     parts.append(rows)
                     ids.append(np.stack([np.full(len(rows), s), np.arange(len(rows))], axis=1).astype(np.int64))
+                    if epoch_rows is not None:
+                        epoch_rows += len(rows)
             rows, row_ids = torch.cat(parts), np.concatenate(ids)
             perm = np.random.default_rng((self.seed, epoch, 0, m)).permutation(len(rows))
             n_full = len(rows) // self.batch_size * self.batch_size
@@ -380,13 +353,27 @@ class BufferReader:
             del rows
             batches = [mixed[i : i + self.batch_size] for i in range(done * self.batch_size, n_full, self.batch_size)]
             after = {"epoch": epoch, "mix": m + 1, "pool": list(pool), "seen": sorted(seen), "mix_shards": [],
-                     "carry": carry_ids.tolist(), "batches_done": 0, "rows_skipped": skipped, "finished": False}
+                     "carry": carry_ids.tolist(), "batches_done": 0, "rows_skipped": skips.rows,
+                     "shards_skipped": skips.shards, "finished": False}
             passed = sorted(seen - set(pool) - set(carry_ids[:, 0].tolist()))
-            yield _Mix(before=before, batches=batches, after=after, passed=passed, rows_skipped=skipped)
+            yield _Mix(before=before, batches=batches, after=after, passed=passed, rows_skipped=skips.rows,
+                       shards_skipped=skips.shards)
             mix, m = [], m + 1
+
+
+@dataclass
+class _Skips:
+    """Rows and shards a reader has skipped (damaged or dropped) so far."""
+
+    rows: int = 0
+    shards: int = 0
+
+    def add(self, rows: int) -> None:
+        self.rows += rows
+        self.shards += 1
 
 
 def _fresh_position() -> dict[str, Any]:
     """The position before anything is read."""
     return {"epoch": 0, "mix": 0, "pool": [], "seen": [], "mix_shards": [], "carry": [], "batches_done": 0,
-            "rows_skipped": 0, "finished": False}
+            "rows_skipped": 0, "shards_skipped": 0, "finished": False}

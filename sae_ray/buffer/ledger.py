@@ -1,4 +1,4 @@
-"""ShardLedger: the coordinator's bookkeeping, without Ray (the actor in coordinator.py wraps it).
+"""ShardLedger: the coordinator's bookkeeping, without Ray (the actor in sae_ray/actors/coordinator.py wraps it).
 
 Everything it must remember lives in the buffer's group attributes, so a ledger built on
 the same buffer after a crash carries on where the old one stopped:
@@ -22,8 +22,8 @@ from __future__ import annotations
 import math
 import time
 
-from sae_ray.buffer import ActivationBuffer
-from sae_ray.progress import RateMeter, eta_seconds
+from .progress import RateMeter, eta_seconds
+from .store import ActivationBuffer
 
 WAIT = "wait"
 """`claim` result: the bounded window is full; sleep and ask again."""
@@ -116,9 +116,11 @@ class ShardLedger:
         self._save()
         return shard_id
 
-    def commit(self, rank: int, shard_id: int, n_rows: int) -> None:
-        """`rank` has written shard `shard_id` whole; from now on readers may see it. Idempotent."""
-        self.buffer.commit_shard(shard_id, n_rows)
+    def commit(self, rank: int, shard_id: int, n_rows: int, objects: dict | None = None) -> None:
+        """`rank` has written shard `shard_id` whole; from now on readers may see it. Idempotent.
+        objects: what `write_shard` returned (sizes and hashes of the shard's objects); None: the
+        buffer reads the objects back to hash them."""
+        self.buffer.commit_shard(shard_id, n_rows, objects)
         self.committed[shard_id] = n_rows
         if self._rank_of is not None:
             self._rank_of[shard_id] = rank

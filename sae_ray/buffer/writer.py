@@ -14,25 +14,31 @@ import threading
 import time
 from typing import Any, Callable
 
-from sae_ray.actors.ledger import WAIT
+from .ledger import WAIT
 
 _DONE = object()
 
 
 class ShardWriterError(RuntimeError):
-    """Writing or committing one shard failed; the message names the shard."""
+    """Writing or committing one shard failed; the message names the shard (``shard_id``)."""
+
+    def __init__(self, message: str, shard_id: int | None = None):
+        super().__init__(message)
+        self.shard_id = shard_id
+
+    def __reduce__(self):
+        return type(self), (self.args[0], self.shard_id)
 
 
 class ShardWriter:
     """write(shard_id, shard): write it whole. claim() -> id | None (no more shards wanted) | "wait"
-    (try again in `poll_s`). commit(shard_id, n_rows): make it visible. `delay_s` (tests only)
-    sleeps between write and commit, to widen the window in which a shard is claimed but not committed.
+    (try again in `poll_s`). commit(shard_id, n_rows): make it visible.
     """
 
     def __init__(self, write: Callable[[int, Any], None], claim: Callable[[], Any], commit: Callable[[int, int], None],
-                 max_queue: int = 2, poll_s: float = 0.5, delay_s: float = 0.0, where: str = ""):
+                 max_queue: int = 2, poll_s: float = 0.5, where: str = ""):
         self.write, self.claim, self.commit = write, claim, commit
-        self.poll_s, self.delay_s, self.where = poll_s, delay_s, where
+        self.poll_s, self.where = poll_s, where
         self.queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self.error: BaseException | None = None
         self.stopped = threading.Event()  # no more shards wanted, or an error
@@ -101,14 +107,12 @@ class ShardWriter:
                     self.write(shard_id, shard)
                 except Exception as e:
                     raise ShardWriterError(f"{self.where}writing shard {shard_id} ({n} rows) failed, "
-                                          f"nothing of it was committed: {type(e).__name__}: {e}") from e
-                if self.delay_s:
-                    time.sleep(self.delay_s)
+                                           f"nothing of it was committed: {type(e).__name__}: {e}", shard_id) from e
                 try:
                     self.commit(shard_id, n)
                 except Exception as e:
                     raise ShardWriterError(f"{self.where}committing shard {shard_id} ({n} rows) failed: "
-                                          f"{type(e).__name__}: {e}") from e
+                                           f"{type(e).__name__}: {e}", shard_id) from e
                 self.rows += n
                 self.shards += 1
             except BaseException as e:  # noqa: BLE001 - handed to the producer's thread by put/close
