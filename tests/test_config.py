@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sae_ray.config import ConfigError, apply_overrides, check_trials, expand_sweep, load_config, validate_config
-from sae_ray.sweep.trainable import sae_configs
+from sae_ray.config import ConfigError, apply_overrides, load_config, validate_config
+from sae_ray.sweep.plan import Stack, expand_trials, pack_stacks, trial_problems
+
+HOOK = "blocks.1.hook_resid_post"
 
 BASE = {
     "model": {"name": "some/model"},
@@ -30,10 +32,10 @@ def with_sae(**sae):
 
 def test_valid_config_expands_to_grid():
     cfg = validate_config(BASE)
-    trials = expand_sweep(cfg.sae, d_in=32)
-    assert [(t["architecture"], t["d_sae"]) for t in trials] == [("standard", 128), ("topk", 128)]
-    assert trials[0]["l1_coefficient"] == 1.0 and "k" not in trials[0]
-    assert trials[1]["k"] == 8
+    trials = expand_trials(cfg.sae, {HOOK: 32})
+    assert [(t.architecture, t.d_sae) for t in trials] == [("standard", 128), ("topk", 128)]
+    assert trials[0].l1_coefficient == 1.0 and trials[0].k is None
+    assert trials[1].k == 8
 
 
 @pytest.mark.parametrize("value", [None, [], [0.0], [1.0, 0.0]])
@@ -58,12 +60,11 @@ def test_sae_extra_reaches_each_sae_and_is_checked():
     raw = with_sae(architectures=["jumprelu", "topk"], l0_coefficient=[1.0], k=[8],
                    extra={"jumprelu": {"bandwidth": 0.05, "auxk_coefficient": 1.0}, "topk": {"k_aux": 16}})
     cfg = validate_config(raw)
-    trials = [{**t, "hook": "blocks.1.hook_resid_post"} for t in expand_sweep(cfg.sae, d_in=32)]
-    assert check_trials(cfg, d_in=32) == []
-    (jump,), (topk,) = sae_configs([trials[0]], cfg, 32), sae_configs([trials[1]], cfg, 32)
+    trials = expand_trials(cfg.sae, {HOOK: 32})
+    assert trial_problems(cfg, trials) == []
+    jump, topk = trials[0].sae_config(cfg), trials[1].sae_config(cfg)
     assert jump.extra["bandwidth"] == 0.05 and jump.extra["auxk_coefficient"] == 1.0
     assert topk.extra["k_aux"] == 16 and "bandwidth" not in topk.extra
-    assert jump.extra["dead_tokens_threshold"] == cfg.train.dead_tokens
 
     # a knob for an architecture not swept, and a misspelt one: found with the config alone
     problems = problems_of(with_sae(architectures=["jumprelu"], l0_coefficient=[1.0],
@@ -74,7 +75,7 @@ def test_sae_extra_reaches_each_sae_and_is_checked():
     # a bad value: found once d_in is known (preflight, before Ray starts)
     bad = validate_config(with_sae(architectures=["jumprelu"], l0_coefficient=[1.0],
                                    extra={"jumprelu": {"bandwidth": -1.0}}))
-    (problem,) = check_trials(bad, d_in=32)
+    (problem,) = trial_problems(bad, expand_trials(bad.sae, {HOOK: 32}))
     assert problem.startswith("sae.extra.jumprelu: value {'bandwidth': -1.0}") and "bandwidth" in problem
 
 
@@ -134,3 +135,25 @@ def test_shipped_configs_are_valid():
         cfg = load_config(Path(__file__).parent.parent / "jobs" / "configs" / name)
         assert cfg.sae.architectures == ["standard", "topk"]
         assert len(cfg.sae.l1_coefficient) == 2 and len(cfg.sae.k) == 2
+
+
+def test_plan_packs_names_and_travels_as_plain_json():
+    cfg = validate_config(with_sae(architectures=["topk", "standard"], k=[8, 16, 32], l1_coefficient=[1.0, 2.5]))
+    trials = expand_trials(cfg.sae, {HOOK: 32, "blocks.2.hook_resid_post": 32}, {HOOK: 1, "blocks.2.hook_resid_post": 2})
+    assert len(trials) == 2 * (3 + 2)
+    stacks = pack_stacks(trials, max_stack=2)
+    # one architecture, width and hook per stack, at most max_stack, every trial exactly once, grid order kept
+    assert sorted((t for s in stacks for t in s.trials), key=trials.index) == trials
+    for s in stacks:
+        assert 1 <= len(s.trials) <= 2 and len({(t.architecture, t.d_sae, t.hook) for t in s.trials}) == 1
+    first = stacks[0]
+    assert first.name == f"topk-d128-k8,k16@{HOOK}" and first.trials[0].name == f"topk-d128-k8@{HOOK}"
+    assert [s.name for s in stacks if s.trials[0].architecture == "standard"][0] == f"standard-d128-l1_1,l1_2.5@{HOOK}"
+    # what Tune carries: plain JSON, rebuilt to the same plan
+    import json
+
+    assert [Stack.from_dict(json.loads(json.dumps(s.to_dict()))) for s in stacks] == stacks
+    # the one SAEConfig builder: hook, layer, sparsity and provenance from the plan and the config
+    sae_cfg = first.trials[1].sae_config(cfg)
+    assert (sae_cfg.hook_name, sae_cfg.hook_layer, sae_cfg.k, sae_cfg.d_in, sae_cfg.d_sae) == (HOOK, 1, 16, 32, 128)
+    assert sae_cfg.l1_coefficient is None and sae_cfg.model_name == cfg.model.name

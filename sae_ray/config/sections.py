@@ -1,52 +1,33 @@
-"""Run configuration: pydantic models for every section, YAML loading, `--set` overrides.
-
-A config is checked in two passes before anything expensive starts:
-
-1. `load_config` — types, ranges and the rules between fields (this module, no I/O
-   beyond reading the YAML). Every problem is collected and reported at once as
-   ``field.path: value ...: what is accepted``.
-2. `sae_ray.preflight.preflight` — the checks that need to look at the world (the
-   model path, the hook points, the dataset, an existing buffer).
+"""The config sections (pydantic models, one line of meaning per field) and the rules between
+fields. Types and ranges are pydantic's; `rule_problems` checks what spans fields.
 """
 
 from __future__ import annotations
 
-import copy
-import hashlib
-import json
+import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import AfterValidator, BaseModel, Field
 
-
-class ConfigError(ValueError):
-    """One or more problems in a config; `problems` holds one line per problem."""
-
-    def __init__(self, problems: list[str], source: str = "config"):
-        self.problems = problems
-        lines = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"{source}: {len(problems)} problem(s):\n{lines}")
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+from sae_ray import default_tracking_uri
+from sae_ray.dtypes import ActivationDtype
+from sae_ray.config.fields import Device, Section, TrackingURI, adam_beta, ray_cpus, ray_gpus, bounded_repr
 
 
 class ModelConfig(Section):
-    name: str = Field(description="Hugging Face hub id, a local directory, or 'package:<python_package>/<subdir>' for a model a Python package ships.")
+    name: str = Field(min_length=1, description="Hugging Face hub id, a local directory, or 'package:<python_package>/<subdir>' for a model a Python package ships.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit); part of the buffer fingerprint.")
-    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="dtype the model computes in.")
-    device: str = Field("auto", description="'auto' (cuda when the producer has a GPU, else cpu), 'cpu' or 'cuda'.")
+    dtype: ActivationDtype = Field("float32", description="dtype the model computes in.")
+    device: Device = Field("auto", description="'auto' (cuda when the producer has a GPU, else cpu), 'cpu', 'cuda' or 'cuda:N'.")
     trust_remote_code: bool = Field(False, description="Allow code from the model repository to run. Off unless you trust it.")
 
 
 class DataConfig(Section):
-    path: str = Field(description="Hub dataset id, or a local file/directory (.txt, .json, .jsonl, .parquet).")
+    path: str = Field(min_length=1, description="Hub dataset id, or a local file/directory (.txt, .json, .jsonl, .parquet).")
     name: str | None = Field(None, description="Hub dataset configuration name.")
-    split: str = Field("train", description="Dataset split.")
-    text_column: str = Field("text", description="Column holding the text.")
+    split: str = Field("train", min_length=1, description="Dataset split.")
+    text_column: str = Field("text", min_length=1, description="Column holding the text.")
     streaming: bool | None = Field(None, description="Stream the dataset; default: on for hub datasets, off for local files.")
     context_size: int = Field(128, gt=1, description="Tokens per packed context fed to the model.")
     batch_size: int = Field(16, gt=0, description="Contexts per forward pass.")
@@ -64,7 +45,7 @@ class BufferConfig(Section):
     n_tokens: int = Field(1_000_000, gt=0, description="Rows (non-special tokens) to produce; production also stops when the dataset ends.")
     shard_rows: int = Field(65_536, gt=0, description="Rows per shard: the unit one producer writes at once.")
     chunk_rows: int = Field(4_096, gt=0, description="Rows per chunk: the unit of reading. Must divide shard_rows.")
-    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="dtype activations are stored in.")
+    dtype: ActivationDtype = Field("float32", description="dtype activations are stored in.")
     codec: Literal["zstd", "lz4", "none"] = Field("zstd", description="Blosc codec (byte shuffle, 1 MiB blocks) or no compression.")
     codec_level: int = Field(1, ge=0, le=9, description="Blosc compression level.")
     max_gb: float | None = Field(None, gt=0, description="Bounded streaming window: producers wait while committed shards take this many GB; a shard is dropped once every trial has passed it. None: keep the whole buffer as a cache.")
@@ -73,10 +54,11 @@ class BufferConfig(Section):
 
 class ProducerConfig(Section):
     count: int = Field(1, gt=0, description="Number of producer actors (one per GPU on a GPU machine).")
-    num_gpus: float = Field(0, ge=0, description="GPU share each producer takes (0 on CPU).")
-    num_cpus: float = Field(1, ge=0, description="CPUs each producer takes.")
+    num_gpus: Annotated[float, AfterValidator(ray_gpus)] = Field(0, ge=0, description="GPU share each producer takes (0 on CPU; a share below 1, or whole GPUs).")
+    num_cpus: Annotated[float, AfterValidator(ray_cpus)] = Field(1, ge=0, description="CPUs each producer takes.")
     max_restarts: int = Field(3, ge=0, description="Times Ray restarts a producer that died; it resumes where its committed rows end.")
     write_queue: int = Field(2, ge=1, description="Shards a producer may hold while its background writer writes (the forward pass never waits on Zarr unless this fills).")
+    debug_delay_s: float = Field(0.0, ge=0, description="Debugging: seconds slept per document read and between writing and committing each shard (widens the window in which a kill lands mid-shard; crash drills use it). 0: off.")
 
 
 class SweepConfig(Section):
@@ -88,7 +70,7 @@ class SweepConfig(Section):
     l1_coefficient: list[float] | None = Field(None, description="L1 sparsity coefficients (standard, gated).")
     l0_coefficient: list[float] | None = Field(None, description="L0 sparsity coefficients (jumprelu).")
     k: list[int] | None = Field(None, description="Active latents per token (topk, batchtopk, matryoshka).")
-    max_stack: int = Field(8, gt=0, description="Most SAEs of one architecture and shape trained together in one trial (a stack; 1 = one SAE per trial). A stack reads each batch once; it is one trial with resources.cpus_per_trial, so on CPU smaller stacks spread SAEs over more cores. On 2 CPU cores (d_sae 6144, batch 4096) a stack of 8 trains 1.02x as fast per SAE as 8 separate SAEs (sae-ray bench train).")
+    max_stack: int = Field(8, gt=0, description="Most SAEs of one architecture and shape trained together in one trial (a stack; 1 = one SAE per trial). A stack reads each batch once; it is one trial with resources.cpus_per_trial, so on CPU smaller stacks spread SAEs over more cores. The README's benchmark section has the measured speed (sae-ray bench train).")
     extra: dict[str, dict[str, Any]] = Field({}, description="Architecture knobs by architecture, kept in each SAE's cfg.extra, e.g. {jumprelu: {bandwidth: 0.05}, topk: {k_aux: 256}}; each architecture's `knobs` lists what it reads.")
 
 
@@ -103,37 +85,37 @@ class TrainConfig(Section):
     lr_decay_fraction: float = Field(0.2, gt=0, le=1, description="Share of the run, at its end, over which 'linear' decay runs (Anthropic April 2024 update, dictionary_learning: 0.2).")
     lr_end_factor: float = Field(0.0, ge=0, le=1, description="lr at the end of decay, as a multiple of lr (Anthropic April 2024 update: 0).")
     sparsity_warmup_fraction: float = Field(0.05, ge=0, lt=1, description="Share of the run over which the sparsity penalty ramps linearly from 0 to full (Anthropic April 2024 update: 0.05).")
-    adam_betas: tuple[float, float] | None = Field(None, description="Adam betas; None: the architecture's own (0.9, 0.999) for most, as SAELens; (0, 0.999) for JumpReLU, as Gemma Scope.")
+    adam_betas: tuple[Annotated[float, AfterValidator(adam_beta)], Annotated[float, AfterValidator(adam_beta)]] | None = Field(None, description="Adam betas, each in [0, 1); None: the architecture's own (0.9, 0.999) for most, as SAELens; (0, 0.999) for JumpReLU, as Gemma Scope.")
     grad_clip_norm: float = Field(1.0, ge=0, description="Clip the gradient norm (per stack member) to this; 0 turns clipping off (Anthropic April 2024 update, SAELens: 1.0).")
     b_dec_init: Literal["geometric_median", "mean", "zeros"] = Field("geometric_median", description="Initial b_dec from the first rows of data (geometric median: SAELens, Bricken et al. 2023, Gao et al. 2024).")
     normalize_activations: Literal["expected_norm", "none"] = Field("expected_norm", description="'expected_norm': train on x*s, s = sqrt(d_in / E||x||^2), folded into the saved weights (as SAELens's E||x|| = sqrt(d_in)).")
     init_batches: int = Field(10, gt=0, description="Batches read before training to estimate s and b_dec; they are then trained on like the rest.")
     autocast: Literal["auto", "bf16", "off"] = Field("auto", description="bfloat16 autocast of the forward pass; 'auto': on for CUDA, off for CPU.")
-    seed: int = Field(0, description="Seed for SAE init and the reader's shard order.")
+    seed: int = Field(0, ge=0, description="Seed for SAE init and the reader's shard order.")
     log_every: int = Field(20, gt=0, description="Steps between metric reports.")
     eval_rows: int = Field(8192, gt=0, description="Rows used for the final FVU/L0 evaluation: the first rows of the lowest committed shard.")
     dead_tokens: int = Field(1_000_000, gt=0, description="A latent that has not fired for this many tokens counts as dead.")
-    device: str = Field("auto", description="'auto', 'cpu' or 'cuda'.")
-    keep_freed_memory: bool = Field(True, description="On CPU (Linux, glibc) a trial keeps the memory it frees for the next step instead of handing it back to the kernel, which zeroes it again every step (sae_ray.train.memory). With it a stack of 8 trains 1.02x as fast per SAE as 8 separate SAEs (0.94x without) and a single SAE 8-13% faster (sae-ray bench train); the trial keeps its peak memory until it ends.")
+    device: Device = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
+    keep_freed_memory: bool = Field(True, description="On CPU (Linux, glibc) a trial keeps the memory it frees for the next step instead of handing it back to the kernel, which zeroes it again every step (sae_ray.train.memory). The trial keeps its peak memory until it ends; the README's benchmark section has what it gains (sae-ray bench train).")
     wait_for_buffer: bool = Field(False, description="Wait for the whole buffer before training (default: start as soon as a shard is committed).")
 
 
 class TrackingConfig(Section):
-    uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///<workdir>/mlflow.db. Use an http:// server on a cluster.")
+    uri: TrackingURI | None = Field(None, description="MLflow tracking URI: sqlite:///<path>, http(s)://<host>:<port>, postgresql://..., mysql://..., mssql://... or databricks (MLflow 3 refuses a plain file store); default sqlite:///<workdir>/mlflow.db. Use an http:// server on a cluster.")
     artifact_location: str | None = Field(None, description="Where artifacts go; default <workdir>/mlartifacts (ignored for an existing experiment).")
-    experiment: str = Field("sae-ray", description="MLflow experiment name.")
+    experiment: str = Field("sae-ray", min_length=1, description="MLflow experiment name.")
     register_models: bool = Field(True, description="Register every trained SAE in the model registry.")
 
 
 class ResourcesConfig(Section):
-    cpus_per_trial: float = Field(1, gt=0, description="CPUs each Tune trial takes.")
-    gpus_per_trial: float = Field(0, ge=0, description="GPU share each Tune trial takes.")
+    cpus_per_trial: Annotated[float, AfterValidator(ray_cpus)] = Field(1, gt=0, description="CPUs each Tune trial takes.")
+    gpus_per_trial: Annotated[float, AfterValidator(ray_gpus)] = Field(0, ge=0, description="GPU share each Tune trial takes (a share below 1, or whole GPUs).")
     max_concurrent_trials: int | None = Field(None, gt=0, description="Cap on trials running at once (None: as resources allow).")
 
 
 class RunConfig(Section):
-    name: str = Field("sae-sweep", description="Name of the sweep (parent MLflow run, Tune experiment).")
-    workdir: str = Field("runs/default", description="Directory for the buffer, MLflow store and Tune results (relative to the current directory).")
+    name: str = Field("sae-sweep", min_length=1, description="Name of the sweep (parent MLflow run, Tune experiment).")
+    workdir: str = Field("runs/default", min_length=1, description="Directory for the buffer, MLflow store and Tune results (relative to the current directory).")
     model: ModelConfig
     data: DataConfig
     hooks: list[HookPointConfig] = Field(min_length=1, description="Hook points to capture.")
@@ -152,7 +134,7 @@ class RunConfig(Section):
         return self.buffer.path or str(self.workdir_path() / "buffer")
 
     def tracking_uri(self) -> str:
-        return self.tracking.uri or f"sqlite:///{self.workdir_path() / 'mlflow.db'}"
+        return self.tracking.uri or default_tracking_uri(self.workdir_path())
 
     def artifact_location(self) -> str:
         return self.tracking.artifact_location or (self.workdir_path() / "mlartifacts").as_uri()
@@ -184,13 +166,7 @@ class RunConfig(Section):
 # Rules between fields (pydantic checks types and ranges; these check meaning)
 # ---------------------------------------------------------------------------------------
 
-def _sparsity_param(architecture: str) -> str:
-    from sae_ray.sae import ARCHITECTURES
-
-    return ARCHITECTURES[architecture].sparsity_param
-
-
-def _rule_problems(cfg: dict[str, Any], sections: dict[str, BaseModel]) -> list[str]:
+def rule_problems(sections: dict[str, BaseModel]) -> list[str]:
     """Checks that span fields. `sections` holds the sections that validated on their own."""
     from sae_ray.sae import ARCHITECTURES
 
@@ -209,7 +185,7 @@ def _rule_problems(cfg: dict[str, Any], sections: dict[str, BaseModel]) -> list[
             if arch not in ARCHITECTURES:
                 problems.append(f"sae.architectures: value {arch!r}: unknown; accepted: {sorted(ARCHITECTURES)}")
                 continue
-            param = _sparsity_param(arch)
+            param = ARCHITECTURES[arch].sparsity_param
             values = getattr(sweep, param)
             is_coefficient = param != "k"
             if not values:
@@ -242,136 +218,38 @@ def _rule_problems(cfg: dict[str, Any], sections: dict[str, BaseModel]) -> list[
     buf: BufferConfig | None = sections.get("buffer")  # type: ignore[assignment]
     if buf is not None and buf.shard_rows % buf.chunk_rows:
         problems.append(f"buffer.chunk_rows: value {buf.chunk_rows}: must divide buffer.shard_rows ({buf.shard_rows})")
+    problems += _duplicates_and_devices(sections)
     return problems
 
 
-def check_trials(cfg: RunConfig, d_in: int) -> list[str]:
-    """Once d_in is known: every k must be below every d_sae it is paired with, and each
-    architecture must accept its trials' configs with their `sae.extra` knobs."""
-    from sae_ray.sae import ARCHITECTURES, SAEConfig
-
-    problems = []
-    for trial in expand_sweep(cfg.sae, d_in):
-        arch = trial["architecture"]
-        if trial.get("k") is not None and trial["k"] >= trial["d_sae"]:
-            problems.append(
-                f"sae.k: value {trial['k']}: must be < d_sae ({trial['d_sae']} = expansion_factor x d_in {d_in}) for {arch}"
-            )
-            continue
-        knobs = cfg.sae.extra.get(arch, {})
-        param = _sparsity_param(arch)
-        try:
-            ARCHITECTURES[arch].check_config(
-                SAEConfig(arch, d_in, trial["d_sae"], extra=dict(knobs), **{param: trial[param]}))
-        except ValueError as e:
-            problems.append(f"sae.extra.{arch}: value {knobs!r}: {e}")
-    return sorted(set(problems))
-
-
-def pack_stacks(trials: list[dict[str, Any]], max_stack: int) -> list[list[dict[str, Any]]]:
-    """Group trials that share architecture, width and hook into stacks of at most max_stack, keeping grid order."""
-    groups: dict[tuple, list[dict[str, Any]]] = {}
-    for t in trials:
-        groups.setdefault((t["architecture"], t["d_sae"], t.get("hook")), []).append(t)
-    return [g[i : i + max_stack] for g in groups.values() for i in range(0, len(g), max_stack)]
-
-
-def expand_sweep(sweep: SweepConfig, d_in: int) -> list[dict[str, Any]]:
-    """The grid of trials: one dict per SAE with architecture, d_sae, expansion_factor and its sparsity value."""
-    widths = [(ef * d_in, ef) for ef in sweep.expansion_factor] if sweep.expansion_factor else [
-        (d, d / d_in) for d in sweep.d_sae or []
-    ]
-    trials = []
-    for arch in sweep.architectures:
-        param = _sparsity_param(arch)
-        for d_sae, ef in widths:
-            for value in getattr(sweep, param) or []:
-                trials.append({"architecture": arch, "d_sae": int(d_sae), "expansion_factor": ef, param: value})
-    return trials
-
-
-# ---------------------------------------------------------------------------------------
-# Loading
-# ---------------------------------------------------------------------------------------
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `a.b.c=value` strings (value parsed as YAML) to a nested dict; `hooks.0.layer=3` indexes lists."""
-    raw = copy.deepcopy(raw)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError([f"--set {item!r}: expected FIELD.PATH=VALUE, e.g. train.lr=1e-4"])
-        key, value = item.split("=", 1)
-        parts = key.strip().split(".")
-        node: Any = raw
-        for part in parts[:-1]:
-            if isinstance(node, list):
-                node = node[int(part)]
-            else:
-                node = node.setdefault(part, {})
-        last = parts[-1]
-        parsed = yaml.safe_load(value)
-        if isinstance(node, list):
-            node[int(last)] = parsed
-        else:
-            node[last] = parsed
-    return raw
-
-
-def _format_pydantic(err: ValidationError, prefix: str = "") -> list[str]:
-    out = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
-        value = e.get("input")
-        shown = "<missing>" if e["type"] == "missing" else repr(value)
-        if len(shown) > 120:
-            shown = shown[:117] + "..."
-        out.append(f"{loc}: value {shown}: {e['msg']}")
-    return out
-
-
-def validate_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
-    """Validate a raw dict; raise ConfigError listing every problem found."""
-    if not isinstance(raw, dict):
-        raise ConfigError([f"top level: value {raw!r}: expected a mapping of sections"], source)
+def _duplicates_and_devices(sections: dict[str, Any]) -> list[str]:
+    """Duplicates in the grid and the hooks, knobs that are not finite numbers, a cuda:N that Ray hides."""
     problems: list[str] = []
-    sections: dict[str, Any] = {}
-    fields = RunConfig.model_fields
-    for key in raw:
-        if key not in fields:
-            problems.append(f"{key}: unknown section; accepted: {sorted(fields)}")
-    # Validate each section on its own so that one bad section doesn't hide the rules of another.
-    for key, field in fields.items():
-        if key not in raw:
-            continue
-        try:
-            sections[key] = TypeAdapter(field.annotation).validate_python(raw[key])
-        except ValidationError as e:
-            problems.extend(_format_pydantic(e, key))
-    try:
-        cfg = RunConfig.model_validate({k: v for k, v in raw.items() if k in fields})
-    except ValidationError as e:
-        cfg = None
-        for p in _format_pydantic(e):
-            if p.split(":")[0].split(".")[0] not in sections and p not in problems:
-                problems.append(p)  # missing sections
-    problems.extend(_rule_problems(raw, sections))
-    if problems:
-        raise ConfigError(problems, source)
-    assert cfg is not None
-    return cfg
+    sweep: SweepConfig | None = sections.get("sae")
+    if sweep is not None:
+        for field in ("architectures", "expansion_factor", "d_sae", "k", "l1_coefficient", "l0_coefficient"):
+            values = getattr(sweep, field) or []
+            twice = sorted({v for v in values if values.count(v) > 1}, key=str)
+            if twice:
+                problems.append(f"sae.{field}: value {bounded_repr(values)}: lists {', '.join(map(repr, twice))} more than once; "
+                                "give each value once (a duplicate trains the same SAE twice, under one name)")
+        for arch, knobs in sweep.extra.items():
+            for key, v in knobs.items():
+                if isinstance(v, bool) or (isinstance(v, float) and not math.isfinite(v)):
+                    problems.append(f"sae.extra.{arch}.{key}: value {v!r}: expected a finite number")
+    hooks = sections.get("hooks") or []
+    for i, hook in enumerate(hooks):
+        first = next(j for j, h in enumerate(hooks) if h == hook)
+        if first < i:
+            problems.append(f"hooks[{i}]: value {hook.model_dump(exclude_none=True)!r}: the same hook point as hooks[{first}]; give each once")
+    for device_field, gpus_field, section, gpus_section in (("model.device", "producers.num_gpus", "model", "producers"),
+                                                            ("train.device", "resources.gpus_per_trial", "train", "resources")):
+        device = getattr(sections.get(section), "device", None)
+        gpus = getattr(sections.get(gpus_section), gpus_field.split(".")[1], None)
+        if device and device.startswith("cuda:") and gpus and int(device[5:]) >= math.ceil(gpus):
+            problems.append(f"{device_field}: value {device!r}: Ray shows each {'producer' if section == 'model' else 'trial'} "
+                            f"only the GPU(s) it reserves ({gpus_field} {gpus:g}: cuda:0..cuda:{math.ceil(gpus) - 1}); "
+                            "use 'cuda' or 'auto'")
+    return problems
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML config, apply `--set` overrides, validate."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError([f"{path}: not valid YAML: {e}"], str(path)) from e
-    return validate_config(apply_overrides(raw, overrides or []), str(path))
-
-
-def config_hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
