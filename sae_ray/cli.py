@@ -9,9 +9,11 @@ import time
 
 
 def _load(args):
+    """The config of the command line, with its paths made absolute here, once: every
+    command then fingerprints and resolves the same config the same way."""
     from sae_ray.config import load_config
 
-    return load_config(args.config, args.set)
+    return load_config(args.config, args.set).with_absolute_paths()
 
 
 def cmd_validate(args) -> int:
@@ -19,19 +21,20 @@ def cmd_validate(args) -> int:
 
     cfg = _load(args)
     plan = preflight(cfg, check_data=not args.static, check_buffer=not args.static)
-    print(f"{args.config}: OK — {len(plan.trials)} SAEs on hooks {plan.hooks} (hook: d_in)")
-    for t in plan.trials:
-        print("  ", {k: v for k, v in t.items() if v is not None})
+    print(f"{args.config}: OK — {len(plan.trials)} SAEs in {len(plan.stacks)} trials on hooks {plan.hooks} (hook: d_in)")
+    for stack in plan.stacks:
+        print(f"   {stack.name}")
     return 0
 
 
 def cmd_run(args) -> int:
     from sae_ray.preflight import preflight
-    from sae_ray.sweep import format_table, run_sweep
+    from sae_ray.sweep import run_sweep
+    from sae_ray.tracking.report import format_table
 
     start = time.perf_counter()
     cfg = _load(args)
-    plan = preflight(cfg)
+    plan = preflight(cfg, address=args.address)
     result = run_sweep(cfg, address=args.address, plan=plan)
     print()
     print(format_table(result.rows))
@@ -48,10 +51,10 @@ def cmd_cache(args) -> int:
     from sae_ray.sweep import run_cache
 
     cfg = _load(args)
-    stats = run_cache(cfg.with_absolute_paths(), address=args.address)  # runs preflight before Ray starts
+    stats = run_cache(cfg, address=args.address)  # runs preflight before Ray starts
     for s in stats:
         print(f"producer {s['rank']}: {s['rows']:,} rows in {s['shards']} shards, {s['tokens_per_s']:,.0f} tokens/s")
-    print(f"buffer {cfg.with_absolute_paths().buffer_path()}  (sae-ray buffer info PATH)")
+    print(f"buffer {cfg.buffer_path()}  (sae-ray buffer info PATH)")
     return 0
 
 
@@ -139,14 +142,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. What is wrong with the user's input (a config's problems, a file that
+    is missing, unreadable or not YAML) is printed as one message with exit code 2; anything
+    else is a bug and keeps its traceback. SAE_RAY_TRACEBACK=1 shows the traceback anyway."""
+    import yaml
+
     from sae_ray.config import ConfigError
 
     args = build_parser().parse_args(argv)
+    show_traceback = os.environ.get("SAE_RAY_TRACEBACK", "") not in ("", "0")
     try:
         return args.fn(args)
     except (ConfigError, FileNotFoundError) as e:
+        if show_traceback:
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (yaml.YAMLError, UnicodeDecodeError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
+        if show_traceback:
+            raise
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"error: {type(e).__name__}{where}: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

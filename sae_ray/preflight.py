@@ -1,19 +1,19 @@
 """Checks that look at the world before any expensive work: model, hook points, data, buffer.
 
-`preflight(cfg)` returns a `Plan` (hook names and widths, the grid of trials, the buffer
-fingerprint) or raises `ConfigError` listing every problem it found. It loads only the
+`preflight(cfg)` returns a `Plan` (hook names and widths, the trials and their stacks, the
+buffer fingerprint) or raises `ConfigError` listing every problem it found. It loads only the
 model's config and builds the model on the meta device (no weights, no compute).
 """
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from sae_ray.config import ConfigError, RunConfig, check_trials, expand_sweep
+from sae_ray.config import ConfigError, RunConfig
+from sae_ray.sweep.plan import Stack, Trial, expand_trials, pack_stacks, trial_problems
 
 
 @dataclass
@@ -22,8 +22,10 @@ class Plan:
     """hook name -> d_in."""
     hook_layers: dict[str, int]
     """hook name -> block index (-1 for a raw module path)."""
-    trials: list[dict[str, Any]]
-    """One dict per SAE: architecture, d_sae, expansion_factor, k or l1_coefficient, hook."""
+    trials: list[Trial]
+    """One per SAE, for every hook."""
+    stacks: list[Stack]
+    """The trials packed into Tune trials (`sae.max_stack` per stack)."""
     fingerprint: dict[str, Any]
     """What identifies the buffer's contents; a buffer with another fingerprint is not reused."""
 
@@ -53,13 +55,18 @@ def _hook_widths(model, config, resolved) -> dict[str, int]:
         return {h.name: int(config.hidden_size) for h in resolved}
 
 
-def preflight(cfg: RunConfig, check_data: bool = True, check_buffer: bool = True) -> Plan:
+def preflight(cfg: RunConfig, check_data: bool = True, check_buffer: bool = True, address: str | None = None) -> Plan:
+    """The plan of `cfg`, or ConfigError with every problem. Paths are made absolute first,
+    so the fingerprint does not depend on how a path was written. `address`: the Ray cluster
+    the run will join (resources are checked against it once joined; see `resource_problems`)."""
     from sae_ray.activations.hooks import resolve_hook
 
+    cfg = cfg.with_absolute_paths()
     problems: list[str] = []
     hooks: dict[str, int] = {}
     layers: dict[str, int] = {}
     fingerprint: dict[str, Any] = {}
+    trials: list[Trial] = []
     try:
         model, config, path = meta_model(cfg.model.name, cfg.model.revision, cfg.model.trust_remote_code)
     except Exception as e:  # noqa: BLE001 - any failure here is a problem with model.name
@@ -75,8 +82,8 @@ def preflight(cfg: RunConfig, check_data: bool = True, check_buffer: bool = True
                 problems.append(f"hooks[{i}]: value {h.model_dump(exclude_none=True)!r}: {e}")
         if resolved:
             hooks = _hook_widths(model, config, resolved)
-        if hooks:
-            problems += check_trials(cfg, min(hooks.values()))
+        trials = expand_trials(cfg.sae, hooks, layers)
+        problems += trial_problems(cfg, trials)
         tok = getattr(config, "vocab_size", None)
         fingerprint = {
             "model": cfg.model.name,
@@ -94,13 +101,11 @@ def preflight(cfg: RunConfig, check_data: bool = True, check_buffer: bool = True
     if check_data:
         try:
             from sae_ray.activations.corpus import resolve_dataset_path
-            from sae_ray.activations.text import load_documents
+            from sae_ray.activations.text import peek_documents
 
             d = cfg.data
-            docs = load_documents(resolve_dataset_path(d.path, cfg.workdir_path()), d.text_column, d.split, d.name, streaming=d.streaming,
-                                  trust_remote_code=cfg.model.trust_remote_code)
-            if not list(itertools.islice(docs, 1)):
-                problems.append(f"data.path: value {d.path!r}: the dataset (split {d.split!r}) holds no non-empty documents")
+            peek_documents(resolve_dataset_path(d.path, cfg.workdir_path()), text_column=d.text_column, split=d.split,
+                           name=d.name, streaming=d.streaming, trust_remote_code=cfg.model.trust_remote_code)
         except (ValueError, FileNotFoundError) as e:
             problems.append(f"data: {e}")
         except Exception as e:  # noqa: BLE001
@@ -109,14 +114,12 @@ def preflight(cfg: RunConfig, check_data: bool = True, check_buffer: bool = True
     if check_buffer and fingerprint:
         problems += _buffer_problems(cfg.buffer_path(), fingerprint)
 
+    problems += resource_problems(cfg, address=address)
+    problems += tracking_problems(cfg)
     if problems:
         raise ConfigError(problems, "preflight")
-    trials = [
-        {**t, "hook": hook, "hook_layer": layers[hook]}
-        for hook, d_in in hooks.items()
-        for t in expand_sweep(cfg.sae, d_in)
-    ]
-    return Plan(hooks=hooks, hook_layers=layers, trials=trials, fingerprint=fingerprint)
+    return Plan(hooks=hooks, hook_layers=layers, trials=trials, stacks=pack_stacks(trials, cfg.sae.max_stack),
+                fingerprint=fingerprint)
 
 
 def _buffer_problems(path: str, fingerprint: dict) -> list[str]:
@@ -124,6 +127,7 @@ def _buffer_problems(path: str, fingerprint: dict) -> list[str]:
     from pathlib import Path
 
     from sae_ray.buffer import ActivationBuffer
+    from sae_ray.buffer.layout import diff, json_normalise
 
     p = Path(path)
     if not p.exists() or (p.is_dir() and not any(p.iterdir())):
@@ -132,16 +136,242 @@ def _buffer_problems(path: str, fingerprint: dict) -> list[str]:
         existing = ActivationBuffer.open(path).fingerprint
     except Exception as e:  # noqa: BLE001
         return [f"buffer.path: value {path!r}: exists but is not a readable sae-ray buffer ({e}); choose another path"]
-    existing = _jsonable(existing)
-    if existing != _jsonable(fingerprint):
-        diff = sorted(k for k in set(existing) | set(fingerprint) if existing.get(k) != _jsonable(fingerprint).get(k))
-        shown = "; ".join(f"{k}: buffer has {existing.get(k)!r}, config wants {_jsonable(fingerprint).get(k)!r}" for k in diff)
+    differences = diff(existing, json_normalise(fingerprint, "the fingerprint"))
+    if differences:
+        shown = "; ".join(f"{k}: buffer has {stored!r}, config wants {given!r}" for k, (stored, given) in differences.items())
         return [f"buffer.path: value {path!r}: holds a buffer with a different fingerprint ({shown}); "
                 "nothing was changed: use another buffer.path or workdir"]
     return []
 
 
-def _jsonable(obj):
-    import json
+# ---------------------------------------------------------------------------------------
+# The world a run needs: CPUs and GPUs for its actors and trials, a tracking store that answers
+# ---------------------------------------------------------------------------------------
 
-    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+def available_resources(address: str | None = None) -> dict[str, Any] | None:
+    """What the run's actors and trials can be given, as
+    ``{"CPU": n, "GPU": n, "nodes": [{"CPU": n, "GPU": n}, ...], "where": "..."}``.
+
+    A Ray this process has joined: its cluster (totals from `ray.cluster_resources()`, one
+    entry per alive node from `ray.nodes()`). Not joined yet but `address` or RAY_ADDRESS names
+    a cluster: None, unknown until Ray connects (the driver's machine says nothing about the
+    cluster's). Otherwise this machine, which a local Ray uses whole: os.cpu_count() CPUs and
+    torch.cuda.device_count() GPUs. Ray is never started or imported here.
+    """
+    import os
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        total = ray.cluster_resources()
+        nodes = [{"CPU": float(n["Resources"].get("CPU", 0)), "GPU": float(n["Resources"].get("GPU", 0))}
+                 for n in ray.nodes() if n.get("Alive") and n.get("Resources")]
+        return {"CPU": float(total.get("CPU", 0)), "GPU": float(total.get("GPU", 0)), "nodes": nodes,
+                "where": "the Ray cluster"}
+    if address or os.environ.get("RAY_ADDRESS"):
+        return None
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return {"CPU": float(os.cpu_count() or 1), "GPU": float(gpus), "where": "this machine"}
+
+
+def _amount(n: float, what: str) -> str:
+    return f"{n:g} {what}{'' if n == 1 else 's'}"
+
+
+def _describe_resources(available: dict[str, Any]) -> str:
+    where = available.get("where", "the cluster")
+    cpu, gpu = float(available.get("CPU", 0)), float(available.get("GPU", 0))
+    nodes = available.get("nodes") or []
+    text = f"{where} has {_amount(cpu, 'CPU')} and {_amount(gpu, 'GPU')}"
+    if len(nodes) > 1:
+        big_cpu = max(float(n.get("CPU", 0)) for n in nodes)
+        big_gpu = max(float(n.get("GPU", 0)) for n in nodes)
+        text += f" on {len(nodes)} nodes (at most {_amount(big_cpu, 'CPU')} and {_amount(big_gpu, 'GPU')} on one)"
+    return text
+
+
+def resource_problems(cfg: RunConfig, available: dict[str, Any] | None = None, address: str | None = None) -> list[str]:
+    """What Ray could never schedule, found before it starts (Ray would wait for it forever).
+
+    available: {"CPU": n, "GPU": n} and optionally "nodes" (a list of such dicts, one per node)
+    and "where" (words for the message); None: `available_resources(address)` (which is None
+    for a cluster not joined yet: then nothing is checked). Checked: one producer and one trial
+    must each fit on one node; all producers must fit at once (each holds its share until the
+    buffer is complete); a cuda device needs a GPU. A trial need not fit beside the producers:
+    it starts when they are done.
+    """
+    if available is None:
+        available = available_resources(address)
+        if available is None:
+            return []
+    cpu, gpu = float(available.get("CPU", 0)), float(available.get("GPU", 0))
+    nodes = available.get("nodes") or [{"CPU": cpu, "GPU": gpu}]
+    eps = 1e-9
+
+    def fits(cpus: float, gpus: float) -> bool:
+        return any(float(n.get("CPU", 0)) + eps >= cpus and float(n.get("GPU", 0)) + eps >= gpus for n in nodes)
+
+    has = _describe_resources(available)
+    problems = []
+    p, r = cfg.producers, cfg.resources
+    if not fits(p.num_cpus, p.num_gpus):
+        problems.append(f"producers: num_cpus={p.num_cpus:g}, num_gpus={p.num_gpus:g}: one producer does not fit: {has}; "
+                        "Ray would wait for it forever: lower producers.num_cpus / producers.num_gpus")
+    elif p.count * p.num_cpus > cpu + eps or p.count * p.num_gpus > gpu + eps:
+        problems.append(f"producers.count: value {p.count}: {p.count} producers x (num_cpus {p.num_cpus:g}, num_gpus {p.num_gpus:g}) "
+                        f"need {_amount(p.count * p.num_cpus, 'CPU')} and {_amount(p.count * p.num_gpus, 'GPU')} at once, but {has}; "
+                        "each producer holds its share until the buffer is complete, so the rest would wait forever: "
+                        "lower producers.count or its num_cpus / num_gpus")
+    if not fits(r.cpus_per_trial, r.gpus_per_trial):
+        problems.append(f"resources: cpus_per_trial={r.cpus_per_trial:g}, gpus_per_trial={r.gpus_per_trial:g}: one trial does not "
+                        f"fit: {has}; Tune would wait for it forever: lower resources.cpus_per_trial / resources.gpus_per_trial")
+    for field, device in (("model.device", cfg.model.device), ("train.device", cfg.train.device)):
+        if device.startswith("cuda") and gpu < eps:
+            problems.append(f"{field}: value {device!r}: {has}; use 'auto' (cuda where there is a GPU, else cpu) or 'cpu'")
+    return problems
+
+
+def _in_time(probe, timeout: float):
+    """probe() in a daemon thread, waited for at most `timeout` s (a DNS lookup ignores socket timeouts);
+    returns its result, or TimeoutError when it did not finish."""
+    import threading
+
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["result"] = probe()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            out["result"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout)
+    return out.get("result", TimeoutError())
+
+
+def _http_problem(uri: str, timeout: float) -> str | None:
+    import base64
+    import os
+    import socket
+    import urllib.error
+    import urllib.request
+
+    url = uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1"
+    headers = {"Accept": "application/json"}
+    if os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        headers["Authorization"] = f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"
+    elif os.environ.get("MLFLOW_TRACKING_USERNAME"):
+        user = f"{os.environ['MLFLOW_TRACKING_USERNAME']}:{os.environ.get('MLFLOW_TRACKING_PASSWORD', '')}"
+        headers["Authorization"] = "Basic " + base64.b64encode(user.encode()).decode()
+
+    context = None  # TLS as MLflow's client does it
+    if url.startswith("https:") and os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
+        import ssl
+
+        context = ssl._create_unverified_context()
+    elif url.startswith("https:") and os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH"):
+        import ssl
+
+        context = ssl.create_default_context(cafile=os.environ["MLFLOW_TRACKING_SERVER_CERT_PATH"])
+
+    def probe() -> int:
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout, context=context) as resp:
+                return resp.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    result = _in_time(probe, timeout + 0.5)
+    if isinstance(result, int):
+        if 200 <= result < 300:
+            return None
+        if result in (401, 403):
+            return (f"the server answered HTTP {result}: it wants credentials (MLFLOW_TRACKING_USERNAME and "
+                    "MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN)")
+        if result in (404, 405):
+            return (f"the server answered HTTP {result} for the MLflow REST API (/api/2.0/mlflow/experiments/search): "
+                    "is it an MLflow tracking server, and is the path right?")
+        return f"the server answered HTTP {result} for the MLflow REST API (/api/2.0/mlflow/experiments/search)"
+    reason = getattr(result, "reason", result)  # URLError wraps the socket error
+    if isinstance(reason, (TimeoutError, socket.timeout)):
+        return f"no answer within {timeout:g} s: is the tracking server running, and reachable from here?"
+    if isinstance(reason, ConnectionRefusedError):
+        return "nothing answers there (connection refused): start the tracking server (mlflow server --host ... --port ...) or fix the address"
+    if isinstance(reason, socket.gaierror):
+        return f"the host name does not resolve ({reason.strerror or reason})"
+    return f"could not reach it: {' '.join(str(reason).split())}"
+
+
+def _tcp_problem(uri: str, timeout: float) -> str | None:
+    import socket
+    import urllib.parse
+
+    try:
+        parts = urllib.parse.urlsplit(uri)
+        host, port = parts.hostname, parts.port
+    except ValueError as e:
+        return f"not a database URL: {e}"
+    if not host:
+        return None  # a local socket: nothing to probe cheaply
+    port = port or {"postgresql": 5432, "mysql": 3306, "mssql": 1433}.get(parts.scheme.split("+")[0])
+    if port is None:
+        return None
+    result = _in_time(lambda: socket.create_connection((host, port), timeout=timeout).close(), timeout + 0.5)
+    if result is None:
+        return None
+    if isinstance(result, (TimeoutError, socket.timeout)):
+        return f"the database at {host}:{port} did not answer within {timeout:g} s"
+    if isinstance(result, ConnectionRefusedError):
+        return f"nothing listens at {host}:{port} (connection refused)"
+    return f"could not reach the database at {host}:{port}: {result}"
+
+
+def _writable_problem(path: str, what: str) -> str | None:
+    """Whether `path` (a file or directory the run will create) can be created: its nearest existing
+    ancestor must be a writable directory, and an existing `path` must itself be writable."""
+    import os
+    from pathlib import Path
+
+    p = Path(path).expanduser()
+    if p.exists():
+        return None if os.access(p, os.W_OK) else f"{what} {str(p)!r} exists but is not writable"
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{what} {str(p)!r} cannot be created: {str(parent)!r} is not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{what} {str(p)!r} cannot be created: the directory {str(parent)!r} is not writable"
+    return None
+
+
+def tracking_problems(cfg: RunConfig, timeout: float = 3.0) -> list[str]:
+    """Whether the MLflow tracking store will take the run, found in at most ~`timeout` s.
+
+    http(s): one GET of the REST API (experiments/search, max_results=1) must answer 2xx;
+    postgresql/mysql/mssql: the database's port must accept a connection; sqlite (the default
+    under workdir): the database file must be creatable. A local artifact location must be
+    creatable too. Databricks is not probed.
+    """
+    from urllib.parse import unquote, urlsplit
+
+    uri = cfg.tracking_uri()
+    shown = f"tracking.uri: value {uri!r}" + ("" if cfg.tracking.uri else " (the default)")
+    scheme = uri.split(":", 1)[0].lower()
+    problem = None
+    if scheme in ("http", "https"):
+        problem = _http_problem(uri, timeout)
+    elif scheme.split("+")[0] in ("postgresql", "mysql", "mssql"):
+        problem = _tcp_problem(uri, timeout)
+    elif scheme == "sqlite" and uri.startswith("sqlite:///"):
+        problem = _writable_problem(uri[len("sqlite:///"):].split("?")[0], "the sqlite database")
+    problems = [f"{shown}: {problem}"] if problem else []
+    artifacts = cfg.artifact_location()
+    local = unquote(urlsplit(artifacts).path) if artifacts.startswith("file:") else (artifacts if "://" not in artifacts else None)
+    if local:
+        problem = _writable_problem(local, "the artifact directory")
+        if problem:
+            problems.append(f"tracking.artifact_location: value {artifacts!r}"
+                            + ("" if cfg.tracking.artifact_location else " (the default)") + f": {problem}")
+    return problems

@@ -165,16 +165,45 @@ def test_bad_inputs_fail_before_training_and_keep_data(tmp_path, tiny_model_fact
 
 
 def test_a_failing_producer_fails_the_sweep_promptly(tmp_path, tiny_model_factory, sample_texts, local_ray):
-    model_dir = tiny_model_factory("gpt2")
+    import shutil
+
+    model_dir = shutil.copytree(tiny_model_factory("gpt2"), tmp_path / "model")
     data = write_jsonl(tmp_path / "docs.jsonl", sample_texts)
-    # No GPU here: the producer fails when it moves the model to cuda; trials must not wait for shards.
-    cfg = sweep_config(tmp_path / "work", model_dir, data, model={"device": "cuda"},
-                       sae={"architectures": ["topk"], "k": [4]}, producers={"count": 1})
-    with pytest.raises(Exception, match="(?i)cuda|torch not compiled"):
+    # Preflight reads only the model's config; without its weights the producer fails when it
+    # loads the model, and trials must not wait for shards.
+    for weights in model_dir.glob("*.safetensors"):
+        weights.unlink()
+    cfg = sweep_config(tmp_path / "work", str(model_dir), data, sae={"architectures": ["topk"], "k": [4]},
+                       producers={"count": 1})
+    with pytest.raises(Exception, match="(?i)no file named|safetensors"):
         run_sweep(cfg)
     client = tracking.client_for(cfg.tracking_uri())
     (parent,) = client.search_runs([client.get_experiment_by_name("sae-ray").experiment_id], "tags.sae_ray.kind = 'sweep'")
     assert parent.info.status == "FAILED"
+
+
+def test_cache_then_run_with_relative_paths_reuses_the_buffer(tmp_path, tiny_model_factory, sample_texts, local_ray,
+                                                              monkeypatch, capsys):
+    """`sae-ray cache` and `sae-ray run` make a config's paths absolute in one place, so a relative
+    local data.path gives both the same fingerprint and the run reuses the cached buffer."""
+    from sae_ray.cli import main
+
+    model_dir = tiny_model_factory("gpt2")
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "docs.jsonl", sample_texts)
+    raw = sweep_config("work", model_dir, "docs.jsonl", sae={"architectures": ["topk"], "k": [4]},
+                       producers={"count": 1}).model_dump(mode="json")
+    assert raw["data"]["path"] == "docs.jsonl" and raw["workdir"] == "work"
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["cache", "c.yaml"]) == 0
+    buffer = ActivationBuffer.open(tmp_path / "work" / "buffer")
+    before = buffer.committed()
+    assert buffer.is_complete() and before
+    capsys.readouterr()
+    assert main(["run", "c.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert "reusing complete buffer" in out
+    assert ActivationBuffer.open(tmp_path / "work" / "buffer").committed() == before
 
 
 def test_quickstart_config_passes_preflight(tmp_path):
@@ -186,5 +215,38 @@ def test_quickstart_config_passes_preflight(tmp_path):
     cfg = load_config(Path(__file__).parent.parent / "jobs" / "configs" / "quickstart.yaml", [f"workdir={tmp_path}"])
     plan = preflight(cfg)
     assert plan.hooks == {"blocks.3.hook_resid_post": 384}
-    assert len(plan.trials) == 4 and {t["architecture"] for t in plan.trials} == {"standard", "topk"}
+    assert len(plan.trials) == 4 and {t.architecture for t in plan.trials} == {"standard", "topk"}
     assert (tmp_path / "data" / "python-docs.jsonl").stat().st_size > 100_000
+
+
+def test_a_corrupt_shard_in_a_sweep_is_one_line_or_skipped_and_counted(tmp_path, tiny_model_factory, sample_texts,
+                                                                        local_ray):
+    """A damaged shard stops the sweep with one line naming it (on_corrupt: fail), or is skipped,
+    with the count in each SAE's MLflow run (on_corrupt: skip)."""
+    from sae_ray.sweep import run_cache
+    from sae_ray.sweep.tuner import SweepError
+
+    model_dir = tiny_model_factory("gpt2")
+    data = write_jsonl(tmp_path / "docs.jsonl", sample_texts * 3)
+    cfg = sweep_config(tmp_path / "work", model_dir, data, sae={"architectures": ["topk"], "k": [4]},
+                       producers={"count": 1}, train={"total_tokens": 4096})
+    run_cache(cfg)
+    buffer = ActivationBuffer.open(cfg.buffer_path())
+    damaged = sorted(buffer.committed())[1]  # not the lowest: that one holds the rows the SAE is evaluated on
+    obj = tmp_path / "work" / "buffer" / "acts" / "blocks.1.hook_resid_post" / "c" / str(damaged) / "0"
+    raw = bytearray(obj.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    obj.write_bytes(bytes(raw))
+
+    with pytest.raises(SweepError) as e:
+        run_sweep(cfg)
+    message = str(e.value)
+    assert f"shard {damaged}" in message and "CorruptShardError" in message
+    assert "Traceback" not in message and len(message.splitlines()) == 2  # the count, then one line per trial
+
+    skip = cfg.model_copy(update={"buffer": cfg.buffer.model_copy(update={"on_corrupt": "skip"})})
+    result = run_sweep(skip)
+    (row,) = result.rows
+    run = tracking.client_for(cfg.tracking_uri()).get_run(row["mlflow_run_id"])
+    assert run.data.metrics["final/skipped_shards"] >= 1
+    assert run.data.metrics["final/skipped_rows"] >= buffer.committed()[damaged]

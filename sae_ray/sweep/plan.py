@@ -1,0 +1,184 @@
+"""The sweep plan: which SAEs a sweep trains, how they are grouped and named. No Ray.
+
+    SweepConfig x hooks ──expand_trials──▶ [Trial]   one SAE each: architecture, width,
+                                                      its sparsity value, hook, d_in
+                        ──pack_stacks────▶ [Stack]   trials of one architecture, width
+                                                      and hook, trained together
+    Trial.sae_config(cfg) ─────────────▶ SAEConfig  the one builder of an SAE's config
+    summary_row(trial, final) ─────────▶ dict       one line of the sweep's summary
+
+`preflight` builds the plan once (it knows each hook's d_in); the driver hands every
+`Stack` to Ray Tune as `Stack.to_dict()`, and the trial rebuilds it with
+`Stack.from_dict`. Nothing downstream re-derives what the plan knows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from sae_ray.config import RunConfig, SweepConfig
+from sae_ray.sae import ARCHITECTURES, SAEConfig
+from sae_ray.sae.config import SPARSITY_PARAMS
+
+_SHORT = {"k": "k", "l1_coefficient": "l1_", "l0_coefficient": "l0_"}
+
+SUMMARY_COLUMNS = ["sae", "architecture", "d_sae", "k", "l1_coefficient", "l0_coefficient", "l0", "fvu",
+                   "dead_fraction", "tokens_seen", "train_tokens_per_s", "version"]
+"""The columns of the printed summary table (`summary_row` has a few more)."""
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One SAE of the sweep."""
+
+    architecture: str
+    """A key of `sae_ray.sae.ARCHITECTURES`."""
+    d_sae: int
+    """Latents."""
+    expansion_factor: float
+    """d_sae / d_in."""
+    sparsity_param: str
+    """Which knob sets its sparsity: "k", "l1_coefficient" or "l0_coefficient"."""
+    sparsity: float
+    """That knob's value (an int for k)."""
+    hook: str
+    """Hook point name, e.g. "blocks.3.hook_resid_post"."""
+    hook_layer: int
+    """Block index of the hook (-1 for a raw module path)."""
+    d_in: int
+    """Width of the activations at the hook."""
+
+    @property
+    def name(self) -> str:
+        """e.g. 'topk-d3072-k32@blocks.3.hook_resid_post'."""
+        return f"{self.architecture}-d{self.d_sae}-{self.sparsity_label}@{self.hook}"
+
+    @property
+    def sparsity_label(self) -> str:
+        """e.g. 'k32' or 'l1_5'."""
+        value = self.sparsity if self.sparsity_param == "k" else f"{self.sparsity:g}"
+        return f"{_SHORT[self.sparsity_param]}{value}"
+
+    def sparsity_values(self) -> dict[str, float]:
+        """{k | l1_coefficient | l0_coefficient: value}: the one knob this trial sets."""
+        return {self.sparsity_param: self.sparsity}
+
+    def get(self, param: str) -> float | None:
+        """The value of sparsity knob `param`, None when this trial does not set it."""
+        return self.sparsity if param == self.sparsity_param else None
+
+    @property
+    def k(self) -> int | None:
+        return self.get("k")
+
+    @property
+    def l1_coefficient(self) -> float | None:
+        return self.get("l1_coefficient")
+
+    @property
+    def l0_coefficient(self) -> float | None:
+        return self.get("l0_coefficient")
+
+    def sae_config(self, cfg: RunConfig) -> SAEConfig:
+        """The SAEConfig of this trial: shape, sparsity, provenance and its `sae.extra` knobs."""
+        return SAEConfig(
+            architecture=self.architecture, d_in=self.d_in, d_sae=self.d_sae, **self.sparsity_values(),
+            model_name=cfg.model.name, hook_name=self.hook, hook_layer=self.hook_layer,
+            context_size=cfg.data.context_size, dataset_path=cfg.data.path,
+            extra=dict(cfg.sae.extra.get(self.architecture, {})),
+        )
+
+    def tags(self) -> dict[str, Any]:
+        """What identifies this SAE among the others: for registry version tags and summaries."""
+        return {"architecture": self.architecture, "d_sae": self.d_sae, "d_in": self.d_in,
+                "expansion_factor": self.expansion_factor, "hook": self.hook, **self.sparsity_values()}
+
+
+@dataclass(frozen=True)
+class Stack:
+    """Trials of one architecture, width and hook, trained together in one Tune trial."""
+
+    trials: tuple[Trial, ...]
+
+    @property
+    def name(self) -> str:
+        """e.g. 'topk-d3072-k16,k48@blocks.3.hook_resid_post' (a single trial's own name for one)."""
+        first = self.trials[0]
+        if len(self.trials) == 1:
+            return first.name
+        return f"{first.architecture}-d{first.d_sae}-{','.join(t.sparsity_label for t in self.trials)}@{first.hook}"
+
+    @property
+    def hook(self) -> str:
+        return self.trials[0].hook
+
+    def sae_configs(self, cfg: RunConfig) -> list[SAEConfig]:
+        return [t.sae_config(cfg) for t in self.trials]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON: how a stack travels into Ray Tune's param space."""
+        return {"trials": [asdict(t) for t in self.trials]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Stack:
+        return cls(tuple(Trial(**t) for t in d["trials"]))
+
+
+def expand_trials(sweep: SweepConfig, hooks: dict[str, int], hook_layers: dict[str, int] | None = None) -> list[Trial]:
+    """The grid: for each hook, architecture, width and that architecture's sparsity values, one Trial.
+
+    hooks: {hook name: d_in}; hook_layers: {hook name: block index} (default -1).
+    Widths come from `sae.expansion_factor` (d_sae = factor x d_in) or `sae.d_sae`.
+    """
+    trials = []
+    for hook, d_in in hooks.items():
+        widths = ([(ef * d_in, ef) for ef in sweep.expansion_factor] if sweep.expansion_factor
+                  else [(d, d / d_in) for d in sweep.d_sae or []])
+        for arch in sweep.architectures:
+            param = ARCHITECTURES[arch].sparsity_param
+            for d_sae, ef in widths:
+                for value in getattr(sweep, param) or []:
+                    trials.append(Trial(arch, int(d_sae), ef, param, value, hook,
+                                        (hook_layers or {}).get(hook, -1), d_in))
+    return trials
+
+
+def pack_stacks(trials: list[Trial], max_stack: int) -> list[Stack]:
+    """Group trials that share architecture, width and hook into stacks of at most `max_stack`, in grid order."""
+    groups: dict[tuple, list[Trial]] = {}
+    for t in trials:
+        groups.setdefault((t.architecture, t.d_sae, t.hook), []).append(t)
+    return [Stack(tuple(g[i: i + max_stack])) for g in groups.values() for i in range(0, len(g), max_stack)]
+
+
+def trial_problems(cfg: RunConfig, trials: list[Trial]) -> list[str]:
+    """Once d_in is known: every k below its d_sae, and every trial's SAEConfig (with its
+    `sae.extra` knobs) accepted by its architecture. One line per distinct problem."""
+    problems = []
+    for t in trials:
+        if t.k is not None and t.k >= t.d_sae:
+            problems.append(f"sae.k: value {t.k}: must be < d_sae ({t.d_sae} = expansion_factor x d_in {t.d_in}) "
+                            f"for {t.architecture}")
+            continue
+        try:
+            ARCHITECTURES[t.architecture].check_config(t.sae_config(cfg))
+        except ValueError as e:
+            problems.append(f"sae.extra.{t.architecture}: value {cfg.sae.extra.get(t.architecture, {})!r}: {e}")
+    return sorted(set(problems))
+
+
+def summary_row(trial: Trial, final: dict[str, Any]) -> dict[str, Any]:
+    """One row of the sweep summary: the trial's identity and its final (held-out) figures."""
+    return {
+        "sae": trial.name, "architecture": trial.architecture, "d_sae": trial.d_sae,
+        **{p: trial.get(p) for p in SPARSITY_PARAMS}, "hook": trial.hook,
+        "l0": final["l0"], "fvu": final["fvu"], "dead_fraction": final["dead_fraction"],
+        "tokens_seen": final["tokens_seen"], "train_tokens_per_s": final["train_tokens_per_s"],
+        "version": final["registered_version"], "mlflow_run_id": final["mlflow_run_id"],
+    }
+
+
+def sort_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Summary rows by architecture, width, then sparsity."""
+    return sorted(rows, key=lambda r: (r["architecture"], r["d_sae"], *(r[p] or 0 for p in SPARSITY_PARAMS)))

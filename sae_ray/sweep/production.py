@@ -1,0 +1,151 @@
+"""Ray wiring for production: the buffer's coordinator and producers, and `sae-ray cache`.
+
+`start_production(cfg, plan)` creates (or reopens) the buffer and starts the coordinator and
+the producers; a sweep calls it and trains while they write. `run_cache(cfg)` is `sae-ray
+cache`: production alone, with a progress line, waited for. Both take a config whose paths are
+absolute (`RunConfig.with_absolute_paths`, done where the config is loaded).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import ray
+
+from sae_ray.buffer import ActivationBuffer
+from sae_ray.buffer.ledger import committed_rows_by_rank
+from sae_ray.config import ConfigError, RunConfig
+from sae_ray.preflight import Plan, preflight, resource_problems
+
+_PRODUCTION: dict[str, list] = {}
+"""Coordinator name -> [coordinator, *producers] of the production this driver runs."""
+
+
+def connect_ray(cfg: RunConfig, address: str | None = None) -> None:
+    """Join the cluster in `address` or RAY_ADDRESS (a `ray job submit` entrypoint has it); else start a
+    local Ray. Then check that the config's producers and trials fit what Ray has (a cluster's
+    resources are known only once joined): ConfigError before any work is scheduled."""
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS")
+        ray.init(address=address or "local", log_to_driver=True,
+                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}} if not address else None)
+    problems = resource_problems(cfg)
+    if problems:
+        raise ConfigError(problems, "preflight")
+
+
+def start_production(cfg: RunConfig, plan: Plan, bounded: bool = True, progress_every: float | None = 10.0) -> list:
+    """Create (or reopen) the buffer and start the coordinator and the producers; returns the
+    producers' `run` refs ([] when the buffer is already complete).
+
+    bounded: apply buffer.max_gb (the streaming window; a cache run keeps everything).
+    progress_every: print a progress line this often from a background thread (None: don't).
+    A producer whose process dies is restarted (producers.max_restarts) and resumes after the
+    rows it committed; the coordinator restarts without limit and rebuilds from the buffer.
+    """
+    from sae_ray.actors.coordinator import coordinator_name, start_coordinator
+    from sae_ray.actors.producer import ActivationProducer
+    from sae_ray.actors.watch import watch_in_background
+
+    b = cfg.buffer
+    buffer = ActivationBuffer.create_or_open(cfg.buffer_path(), plan.fingerprint, plan.hooks, b.shard_rows,
+                                             b.chunk_rows, b.dtype, codec=b.codec, codec_level=b.codec_level)
+    if buffer.is_complete():
+        _check_not_consumed(buffer)
+        print(f"[sae-ray] reusing complete buffer {buffer.path} ({buffer.n_rows():,} rows)")
+        return []
+    name = coordinator_name(cfg.buffer_path())
+    for handle in _PRODUCTION.pop(name, []):  # an earlier production of this buffer from this driver stops here
+        ray.kill(handle, no_restart=True)
+    n = cfg.producers.count
+    done = rows_committed_by_rank(buffer, n)
+    if any(done):
+        print(f"[sae-ray] resuming buffer {buffer.path}: {sum(done):,} rows already committed")
+    # A new run: the claims and finished ranks of an earlier, dead run are void (its processes are gone).
+    buffer.set_production({**buffer.production(), "producers": n, "claims": {}, "finished": []})
+    max_gb = b.max_gb if bounded else None
+    buffer.set_window(None if max_gb is None else int(max_gb * 1e9))  # readers of a window read each shard once
+    readers = len(plan.stacks) if max_gb else 1  # each trial reads the window once
+    coordinator = start_coordinator(cfg.buffer_path(), b.n_tokens, n, max_gb, readers)
+    p = cfg.producers
+    options = dict(num_cpus=p.num_cpus, num_gpus=p.num_gpus, max_restarts=p.max_restarts, max_task_retries=-1)
+    producers = [ActivationProducer.options(**options).remote(cfg.model_dump(mode="json"), rank, n, name)
+                 for rank in range(n)]
+    held = _PRODUCTION[name] = [coordinator, *producers]  # held while producing, so that Ray keeps (and restarts) them
+    refs = [pr.run.remote() for pr in producers]
+
+    def release() -> None:  # once the producers are done, their resources go back to the trials
+        if _PRODUCTION.get(name) is held:
+            del _PRODUCTION[name]
+
+    watch_in_background(coordinator, refs, progress_every, on_done=release)
+    return refs
+
+
+def _check_not_consumed(buffer: ActivationBuffer) -> None:
+    """A complete buffer whose bounded window dropped shards was a stream: most of its rows are gone."""
+    dropped = buffer.dropped()
+    if dropped:
+        raise ConfigError([
+            f"buffer.path: value {buffer.path!r}: a complete buffer produced with a bounded window (buffer.max_gb); "
+            f"{len(dropped)} of its shards ({sum(dropped.values()):,} rows) were dropped once read, so it cannot be "
+            "reused: choose another buffer.path (or workdir), or delete this one"], "buffer")
+
+
+def rows_committed_by_rank(buffer: ActivationBuffer, n_producers: int) -> list[int]:
+    """Rows each producer rank already committed (a shard's rows all come from one rank: doc_index % n),
+    shards dropped by the bounded window included."""
+    before = buffer.production().get("producers")
+    if buffer.committed() and before != n_producers:
+        raise ConfigError([
+            f"producers.count: value {n_producers}: the unfinished buffer {buffer.path} was produced by {before} "
+            f"producers; resume it with producers.count={before} (the documents are split by producer count)"], "buffer")
+    return committed_rows_by_rank(buffer, n_producers)
+
+
+def run_cache(cfg: RunConfig, address: str | None = None, plan: Plan | None = None) -> list[dict[str, Any]]:
+    """Produce the buffer only (`sae-ray cache`): preflight, create or reopen the buffer, run the
+    producers with a progress line, wait. Returns per producer: rank, rows, shards, seconds,
+    tokens_per_s (rows/s of that producer), resumed_after_rows. A complete buffer is reused at once
+    ([]); an unfinished one is resumed. buffer.max_gb does not apply: a cache keeps every shard.
+    """
+    from sae_ray.actors.coordinator import coordinator_name
+    from sae_ray.actors.watch import watch
+
+    start = time.perf_counter()
+    cfg = cfg.with_absolute_paths()
+    plan = plan or preflight(cfg, address=address)  # raises before Ray starts
+    try:
+        buffer = ActivationBuffer.open(cfg.buffer_path())
+    except (FileNotFoundError, ValueError):
+        buffer = None  # absent, or its creation was interrupted: start_production creates or repairs it
+    if buffer is not None and buffer.is_complete():
+        _check_not_consumed(buffer)
+        print(f"[sae-ray] reusing complete buffer {buffer.path} ({buffer.n_rows():,} rows)")
+        return []
+    if cfg.buffer.max_gb is not None:
+        print(f"[sae-ray] buffer.max_gb={cfg.buffer.max_gb} is ignored by cache: a cache keeps every shard")
+    connect_ray(cfg, address)
+    name = coordinator_name(cfg.buffer_path())
+    refs = start_production(cfg, plan, bounded=False, progress_every=None)
+    held = list(_PRODUCTION.get(name, []))  # our own handles: the coordinator lives until we are done with it
+    try:
+        stats = watch(held[0], refs) if refs else []
+    except BaseException:
+        _PRODUCTION.pop(name, None)
+        for handle in held:  # a failed run stops writing at once
+            ray.kill(handle, no_restart=True)
+        raise
+    with_rates(stats)
+    rows = sum(s["rows"] for s in stats)
+    print(f"[sae-ray] buffer {cfg.buffer_path()}: {rows:,} rows produced in {time.perf_counter() - start:.0f}s")
+    return stats
+
+
+def with_rates(stats: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Producer results with tokens_per_s (rows per second of that producer) added, in place."""
+    for s in stats:
+        s["tokens_per_s"] = s["rows"] / max(s["seconds"], 1e-9)
+    return stats

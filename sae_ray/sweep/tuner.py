@@ -1,0 +1,138 @@
+"""Ray Tune wiring for a sweep: production started, one Tune trial per stack, the report.
+
+`run_sweep(cfg)` is what `sae-ray run` and `jobs/sweep.py` call:
+
+1. preflight (unless given a plan): every problem is found before Ray starts;
+2. the parent MLflow run, with the whole resolved config as params;
+3. Ray: joins RAY_ADDRESS or `address`, else starts a local Ray;
+4. production starts (`sweep.production`); trials start as soon as shards are committed;
+5. Tune runs `train_trial` once per `Stack` of the plan (`Stack.to_dict()` in its config);
+6. with a bounded window, the producers are told to stop once the trials are done;
+7. the summary rows (one per SAE), the report and the aliases go into the parent run;
+   a failed trial fails the sweep with one line per failure.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray import tune
+
+from sae_ray import tracking
+from sae_ray.config import RunConfig
+from sae_ray.preflight import Plan, preflight
+from sae_ray.sweep.plan import Stack, sort_rows, summary_row
+from sae_ray.sweep.production import connect_ray, start_production, with_rates
+from sae_ray.tracking.report import log_summary
+from sae_ray.sweep.trainable import train_trial
+
+
+@dataclass
+class SweepResult:
+    rows: list[dict[str, Any]]
+    """One summary row per SAE (`plan.summary_row`)."""
+    producer_stats: list[dict[str, Any]] = field(default_factory=list)
+    """Per producer: rows, shards, seconds, tokens_per_s (empty when the buffer was reused)."""
+    parent_run_id: str = ""
+    seconds: float = 0.0
+
+
+class ProgressPrinter(tune.Callback):
+    """One console line per reported step of each trial, instead of Tune's wide tables."""
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        for name, m in zip(result.get("members", []), result.get("per_member", [])):
+            print(f"[{name}] tokens {int(m['tokens']):>9,}  fvu {m['fvu']:.3f}  l0 {m['l0']:7.1f}  "
+                  f"dead {m['dead_fraction']:.3f}  {m['tokens_per_s']:,.0f} tok/s", flush=True)
+        for name, m in zip(result.get("members", []), result.get("final", [])):
+            print(f"[{name}] done: fvu {m['fvu']:.4f}  l0 {m['l0']:.1f}  "
+                  f"registered version {m['registered_version'] or '-'}", flush=True)
+
+
+class ProductionWatcher(tune.Callback):
+    """Fail the sweep as soon as a producer fails, rather than leave trials waiting for shards that never come."""
+
+    def __init__(self, producing: list):
+        self.pending = list(producing)
+
+    def on_step_begin(self, iteration, trials, **info):
+        if self.pending:
+            ready, self.pending = ray.wait(self.pending, num_returns=len(self.pending), timeout=0)
+            ray.get(ready)  # re-raises a producer's error here, in the driver
+
+
+class SweepError(RuntimeError):
+    """Some trials of a sweep failed; the message has one line per failed trial."""
+
+
+def run_sweep(cfg: RunConfig, address: str | None = None, plan: Plan | None = None) -> SweepResult:
+    start = time.perf_counter()
+    cfg = cfg.with_absolute_paths()
+    plan = plan or preflight(cfg, address=address)  # raises before Ray starts
+    workdir = cfg.workdir_path()
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    uri = cfg.tracking_uri()
+    experiment_id = tracking.ensure_experiment(uri, cfg.tracking.experiment, cfg.artifact_location())
+    client = tracking.client_for(uri)
+    parent_run_id = tracking.start_run(uri, experiment_id, cfg.name, tags={"sae_ray.kind": "sweep"})
+    tracking.log_params(client, parent_run_id, cfg.model_dump(mode="json"))
+    print(f"[sae-ray] {len(plan.trials)} SAEs in {len(plan.stacks)} trials on {list(plan.hooks)}; "
+          f"MLflow {uri} run {parent_run_id}")
+
+    try:
+        connect_ray(cfg, address)
+        client.set_tag(parent_run_id, "sae_ray.ray_address", ray.get_runtime_context().gcs_address)
+        producing = start_production(cfg, plan)
+        r = cfg.resources
+        trainable = tune.with_resources(train_trial, {"cpu": r.cpus_per_trial, "gpu": r.gpus_per_trial})
+        param_space = {
+            "stack": tune.grid_search([s.to_dict() for s in plan.stacks]),
+            "run": cfg.model_dump(mode="json"),
+            "experiment_id": experiment_id,
+            "parent_run_id": parent_run_id,
+        }
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(max_concurrent_trials=r.max_concurrent_trials,
+                                        trial_name_creator=lambda t: Stack.from_dict(t.config["stack"]).name,
+                                        trial_dirname_creator=lambda t: f"{t.trial_id}"),
+            run_config=tune.RunConfig(name=f"{cfg.name}-{parent_run_id[:8]}", storage_path=str(workdir / "tune"),
+                                      verbose=0, callbacks=[ProgressPrinter(), ProductionWatcher(producing)]),
+        )
+        results = tuner.fit()
+        if cfg.buffer.max_gb:  # a window: producers may be waiting for readers that have finished
+            from sae_ray.actors.coordinator import stop_production
+
+            stop_production(cfg.buffer_path())
+        producer_stats = with_rates(ray.get(producing))
+        failed = [r for r in results if r.error is not None]
+        rows = sort_rows([summary_row(t, m) for r in results if r.error is None
+                          for t, m in zip(Stack.from_dict(r.config["stack"]).trials, (r.metrics or {}).get("final", []))])
+        log_summary(client, parent_run_id, rows, producer_stats, cfg.model.name, cfg.tracking.register_models)
+        if failed:
+            lines = [f"  {Stack.from_dict(r.config['stack']).name}: {error_line(r.error)}" for r in failed]
+            raise SweepError(f"{len(failed)} of {len(plan.stacks)} trials failed:\n" + "\n".join(lines))
+        client.set_terminated(parent_run_id)
+    except BaseException:
+        client.set_terminated(parent_run_id, status="FAILED")
+        raise
+    return SweepResult(rows, producer_stats, parent_run_id, time.perf_counter() - start)
+
+
+def error_line(error: BaseException) -> str:
+    """The root cause of a trial's error as one line, `Type: message` (Ray wraps it in
+    RayTaskError / TuneError layers whose text is a whole remote traceback)."""
+    seen = set()
+    while id(error) not in seen:
+        seen.add(id(error))
+        cause = getattr(error, "cause", None) or error.__cause__
+        if not isinstance(cause, BaseException):
+            break
+        error = cause
+    message = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {message[0] if message else ''}"
