@@ -21,6 +21,7 @@ from sae_ray.buffer import (
 )
 from sae_ray.buffer.writer import ShardWriterError
 from sae_ray.cli import main
+from damage import KINDS, damage, flip_byte
 
 HOOK = "blocks.3.hook_resid_post"
 ACTS = f"acts/{HOOK}"
@@ -62,14 +63,6 @@ def edit_json(path, change):
     change(doc)
     with open(path, "w") as f:
         json.dump(doc, f)
-
-
-def flip_byte(path, offset):
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)
-        f.seek(offset)
-        f.write(bytes([b[0] ^ 0xFF]))
 
 
 def swap(a, b):
@@ -188,22 +181,12 @@ def test_tokens_column_damage(tmp_path, capsys, damage):
 
 
 @pytest.mark.parametrize("array", ["doc_index", "position", ACTS])
-@pytest.mark.parametrize("damage", ["chunk_byte", "index_byte", "truncated", "empty", "deleted"])
-def test_damage_detected_before_still_detected_and_listed(tmp_path, capsys, array, damage):
+@pytest.mark.parametrize("kind", KINDS)
+def test_damage_detected_before_still_detected_and_listed(tmp_path, capsys, array, kind):
     path = tmp_path / "buf"
     complete_buffer(path, [SHARD, SHARD, SHARD])
     f = obj(path, array, 1)
-    size = os.path.getsize(f)
-    if damage == "chunk_byte":
-        flip_byte(f, 20 % size)
-    elif damage == "index_byte":
-        flip_byte(f, size - 10)
-    elif damage == "truncated":
-        os.truncate(f, size // 2)
-    elif damage == "empty":
-        os.truncate(f, 0)
-    else:
-        os.remove(f)
+    damage(f, kind)
     fresh = ActivationBuffer.open(str(path))
     read = (lambda: fresh.read_rows(HOOK, 1, 2, 5)) if array == ACTS else (lambda: fresh.read_column(array, 1, 2, 5))
     assert assert_corrupt(read, 1, array).key == f  # a partial read checks the whole object too

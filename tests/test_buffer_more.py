@@ -27,6 +27,7 @@ from sae_ray.buffer import (
     import_activations,
 )
 from sae_ray.buffer.commands import add_buffer_commands
+from damage import KINDS, damage, flip_byte
 
 HOOK = "blocks.3.hook_resid_post"
 D_IN = 8
@@ -78,30 +79,12 @@ def prefetch_threads():
 # ---------------------------------------------------------------- checksums
 
 
-def flip_byte(path, offset):
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)
-        f.seek(offset)
-        f.write(bytes([b[0] ^ 0xFF]))
-
-
-@pytest.mark.parametrize("damage", ["chunk_byte", "index_byte", "truncated", "empty", "deleted"])
-def test_damaged_shard_raises_naming_shard_and_file(tmp_path, damage):
+@pytest.mark.parametrize("kind", KINDS)
+def test_damaged_shard_raises_naming_shard_and_file(tmp_path, kind):
     path = tmp_path / "buf"
     buf, data = complete_buffer(path, [SHARD, SHARD, SHARD])
     f = shard_file(path, 1)
-    size = os.path.getsize(f)
-    if damage == "chunk_byte":
-        flip_byte(f, 20)
-    elif damage == "index_byte":
-        flip_byte(f, size - 10)
-    elif damage == "truncated":
-        os.truncate(f, size // 2)
-    elif damage == "empty":
-        os.truncate(f, 0)
-    else:
-        os.remove(f)
+    damage(f, kind)
     fresh = ActivationBuffer.open(str(path))
     for start, stop in [(0, None), (2, 5)]:  # whole shard, and a partial read through the index
         with pytest.raises(CorruptShardError, match=r"shard 1 .*is corrupt") as e:
