@@ -23,7 +23,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from sae_ray.activations.text import looks_local
+from sae_ray.paths import looks_local
 from sae_ray.dtypes import ACTIVATION_DTYPES, TORCH_DTYPES
 
 PACKAGE_PREFIX = "package:"

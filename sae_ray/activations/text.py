@@ -18,6 +18,8 @@ import datasets
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
+from sae_ray.paths import looks_local
+
 # Local file extension -> `datasets` builder.
 BUILDERS = {
     ".txt": "text",
@@ -26,12 +28,6 @@ BUILDERS = {
     ".parquet": "parquet",
     ".csv": "csv",
 }
-
-
-def looks_local(path: str) -> bool:
-    """True when a model or dataset name means a local path (starts with `/`, `.` or `~`,
-    or exists) rather than a hub id."""
-    return path.startswith(("/", ".", "~")) or os.path.exists(path)
 
 
 def _local_files(path: str) -> tuple[str, list[str]]:

@@ -12,6 +12,7 @@ from pydantic import AfterValidator, BaseModel, Field
 
 from sae_ray import default_tracking_uri
 from sae_ray.dtypes import ActivationDtype
+from sae_ray.paths import absolute
 from sae_ray.config.fields import Device, Section, TrackingURI, adam_beta, ray_cpus, ray_gpus, bounded_repr
 
 
@@ -145,11 +146,6 @@ class RunConfig(Section):
         Done in the driver before the config travels to actors and trials: Tune runs each
         trial in its own working directory, where a relative path means something else.
         """
-
-        def absolute(p: str | None) -> str | None:
-            if p is None or "://" in p or ":" in p.split("/")[0] or Path(p).is_absolute():
-                return p
-            return str(Path(p).expanduser().resolve()) if Path(p).expanduser().exists() or p.startswith((".", "~")) else p
 
         buffer_path = self.buffer.path
         if buffer_path and "://" not in buffer_path:  # the buffer may not exist yet
