@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     import yaml
 
     from sae_ray.config import ConfigError
+    from sae_ray.sweep import SweepError
 
     args = build_parser().parse_args(argv)
     show_traceback = os.environ.get("SAE_RAY_TRACEBACK", "") not in ("", "0")
@@ -164,6 +165,11 @@ def main(argv: list[str] | None = None) -> int:
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
         print(f"error: {type(e).__name__}{where}: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    except SweepError as e:  # trials failed: one line each, their tracebacks are in the Ray logs
+        if show_traceback:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

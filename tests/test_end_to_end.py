@@ -220,11 +220,10 @@ def test_quickstart_config_passes_preflight(tmp_path):
 
 
 def test_a_corrupt_shard_in_a_sweep_is_one_line_or_skipped_and_counted(tmp_path, tiny_model_factory, sample_texts,
-                                                                        local_ray):
+                                                                        local_ray, capsys):
     """A damaged shard stops the sweep with one line naming it (on_corrupt: fail), or is skipped,
     with the count in each SAE's MLflow run (on_corrupt: skip)."""
-    from sae_ray.sweep import run_cache
-    from sae_ray.sweep.tuner import SweepError
+    from sae_ray.sweep import SweepError, run_cache
 
     model_dir = tiny_model_factory("gpt2")
     data = write_jsonl(tmp_path / "docs.jsonl", sample_texts * 3)
@@ -243,6 +242,14 @@ def test_a_corrupt_shard_in_a_sweep_is_one_line_or_skipped_and_counted(tmp_path,
     message = str(e.value)
     assert f"shard {damaged}" in message and "CorruptShardError" in message
     assert "Traceback" not in message and len(message.splitlines()) == 2  # the count, then one line per trial
+    from sae_ray.cli import main  # and the command prints that message alone, exit code 1
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    capsys.readouterr()
+    assert main(["run", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert f"shard {damaged}" in err and "Traceback" not in err
 
     skip = cfg.model_copy(update={"buffer": cfg.buffer.model_copy(update={"on_corrupt": "skip"})})
     result = run_sweep(skip)

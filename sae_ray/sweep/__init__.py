@@ -9,6 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
+
+
+class SweepError(RuntimeError):
+    """Some trials of a sweep failed; the message has one line per failed trial (its root cause)."""
+
+
 _RAY_NAMES = {"run_sweep": "tuner", "SweepResult": "tuner", "run_cache": "production",
               "start_production": "production", "connect_ray": "production"}
 
@@ -22,4 +28,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'sae_ray.sweep' has no attribute {name!r}")
 
 
-__all__ = sorted(_RAY_NAMES)
+__all__ = ["SweepError", *sorted(_RAY_NAMES)]

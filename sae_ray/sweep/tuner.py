@@ -24,6 +24,7 @@ from ray import tune
 from sae_ray import tracking
 from sae_ray.config import RunConfig
 from sae_ray.preflight import Plan, preflight
+from sae_ray.sweep import SweepError
 from sae_ray.sweep.plan import Stack, sort_rows, summary_row
 from sae_ray.sweep.production import connect_ray, start_production, with_rates
 from sae_ray.tracking.report import log_summary
@@ -62,10 +63,6 @@ class ProductionWatcher(tune.Callback):
         if self.pending:
             ready, self.pending = ray.wait(self.pending, num_returns=len(self.pending), timeout=0)
             ray.get(ready)  # re-raises a producer's error here, in the driver
-
-
-class SweepError(RuntimeError):
-    """Some trials of a sweep failed; the message has one line per failed trial."""
 
 
 def run_sweep(cfg: RunConfig, address: str | None = None, plan: Plan | None = None) -> SweepResult:
