@@ -96,6 +96,7 @@ def preflight(cfg: RunConfig, check_data: bool = True, check_buffer: bool = True
             "model_dtype": cfg.model.dtype,
             "dtype": cfg.buffer.dtype,
             "shard_rows": cfg.buffer.shard_rows,
+            "eval_fraction": cfg.buffer.eval_fraction,
         }
 
     if check_data:

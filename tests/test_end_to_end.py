@@ -5,13 +5,13 @@ from collections import Counter
 import numpy as np
 import pytest
 import ray
-import torch
 import yaml
 from transformers import AutoTokenizer
 
 import sae_ray
 from sae_ray import tracking
 from sae_ray.buffer import ActivationBuffer
+from sae_ray.buffer.split import held_out_rows
 from sae_ray.config import ConfigError, validate_config
 from sae_ray.eval.metrics import evaluate_sae
 from sae_ray.preflight import preflight
@@ -42,7 +42,10 @@ def sweep_config(workdir, model_dir, data_path, **changes):
         "producers": {"count": 2, "num_cpus": 0.5},
         "sae": {"architectures": ALL_ARCHITECTURES, "expansion_factor": [2], "l1_coefficient": [0.05],
                 "l0_coefficient": [0.05], "k": [4, 8]},
-        "train": {"total_tokens": 8192, "batch_size": 128, "lr": 0.003, "log_every": 4, "eval_rows": 100, "dead_tokens": 1024},
+        # these toy SAEs are dense (L0 ~ d_sae / 2): the monitor would stop them, as
+        # test_the_monitor_stops_a_dense_sae_in_a_sweep shows; here they test the pipeline
+        "train": {"total_tokens": 8192, "batch_size": 128, "lr": 0.003, "log_every": 4, "eval_rows": 100, "dead_tokens": 1024,
+                  "monitor": {"enabled": False}},
         "resources": {"cpus_per_trial": 0.5},
     }
     for key, value in changes.items():
@@ -87,7 +90,8 @@ def test_sweep_end_to_end(tmp_path, tiny_model_factory, sample_texts, local_ray,
         assert len(client.get_metric_history(v.run_id, "mse")) >= 2  # per-step metrics
         # load_sae on the registered version reproduces the logged FVU on the same rows
         sae = sae_ray.load_sae(f"models:/{name}/{v.version}", tracking_uri=cfg.tracking_uri())
-        x = torch.as_tensor(buffer.read_rows("blocks.1.hook_resid_post", int(v.tags["eval_shard"]), 0, int(v.tags["eval_rows"])))
+        assert v.tags["eval_split"] == "held-out"
+        x = held_out_rows(buffer, "blocks.1.hook_resid_post", int(v.tags["eval_rows"]))
         again = evaluate_sae(sae, x.float())
         assert again["fvu"] == pytest.approx(run.data.metrics["final/fvu"], rel=1e-4, abs=1e-6)
         assert again["fvu"] < 1.0
@@ -257,3 +261,25 @@ def test_a_corrupt_shard_in_a_sweep_is_one_line_or_skipped_and_counted(tmp_path,
     run = tracking.client_for(cfg.tracking_uri()).get_run(row["mlflow_run_id"])
     assert run.data.metrics["final/skipped_shards"] >= 1
     assert run.data.metrics["final/skipped_rows"] >= buffer.committed()[damaged]
+
+
+def test_the_monitor_stops_a_dense_sae_in_a_sweep(tmp_path, tiny_model_factory, sample_texts, local_ray):
+    """A ReLU+L1 SAE with a far too weak coefficient stays dense: its run ends FAILED with the
+    reason, it is not registered, the summary says so; a sound SAE beside it registers with its verdict."""
+    model_dir = tiny_model_factory("gpt2")
+    data = write_jsonl(tmp_path / "docs.jsonl", sample_texts * 3)
+    cfg = sweep_config(tmp_path / "work", model_dir, data, sae={"architectures": ["standard", "topk"], "k": [4],
+                                                                 "l1_coefficient": [1e-4]},
+                       train={"monitor": {"enabled": True}}, producers={"count": 1})
+    result = run_sweep(cfg)
+    rows = {row["architecture"]: row for row in result.rows}
+    assert rows["standard"]["verdict"] == "stopped" and rows["standard"]["reasons"].split("; ")[-1].startswith("dense")
+    assert rows["standard"]["version"] == "" and rows["standard"]["fvu"] is None
+    assert rows["topk"]["verdict"] in ("ok", "warn") and rows["topk"]["version"]
+    client = tracking.client_for(cfg.tracking_uri())
+    stopped = client.get_run(rows["standard"]["mlflow_run_id"])
+    assert stopped.info.status == "FAILED" and stopped.data.tags["sae_ray.stopped"].split("; ")[-1].startswith("dense")
+    assert stopped.data.metrics["final/tokens_seen"] < cfg.train.total_tokens  # it stopped costing compute
+    (version,) = client.search_model_versions(f"name = '{tracking.registry_name(model_dir, 'blocks.1.hook_resid_post')}'")
+    assert version.tags["architecture"] == "topk" and version.tags["verdict"] == rows["topk"]["verdict"]
+    assert client.get_run(rows["topk"]["mlflow_run_id"]).info.status == "FINISHED"

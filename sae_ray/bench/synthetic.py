@@ -254,7 +254,8 @@ def train_one(problem: SyntheticConfig, bench: BenchConfig, architecture: str, v
     torch.manual_seed(bench.seed)
     sae = create_sae(cfg).to(pick_device(bench.device))
     train = TrainConfig(total_tokens=bench.total_tokens, batch_size=bench.batch_size, lr=bench.lr,
-                        device=bench.device, seed=bench.seed, log_every=10**9, dead_tokens=bench.dead_tokens)
+                        device=bench.device, seed=bench.seed, log_every=10**9, dead_tokens=bench.dead_tokens,
+                        monitor={"enabled": False})  # the coefficient search must see a dense SAE's L0, not a stop
     state = train_sae(sae, data.batches(bench.batch_size), train)
     ev = evaluate_sae(sae, data.fresh(bench.eval_rows))
     recovered, mean_cos = recovery(sae.W_dec, data.dictionary)

@@ -30,12 +30,13 @@ from sae_ray.dtypes import TORCH_DTYPES
 from .errors import CorruptShardError, ShardDroppedError
 from .layout import check_reader_id
 from .prefetch import Prefetcher
+from .split import SPLITS, eval_fraction, split_mask
 from .store import ActivationBuffer
 
 STATE_VERSION = 1
 ON_CORRUPT = ("fail", "skip")
 # state keys that must match the reader's own settings: another value gives another stream
-_SETTINGS = ("hook", "batch_size", "seed", "shards_in_mix")
+_SETTINGS = ("hook", "batch_size", "seed", "shards_in_mix", "split")
 # position keys a state saved before they existed may lack (they start at 0)
 _OPTIONAL = ("shards_skipped",)
 
@@ -77,6 +78,10 @@ class BufferReader:
     complete and every live shard has been read the iterator ends (StopIteration; the
     last < batch_size rows are not yielded). Dropped shards are never read.
 
+    ``split``: None returns every row; "train" only rows of documents outside the buffer's
+    held-out split, "eval" only those inside it (`split.held_out`); a buffer without a split
+    is refused for either.
+
     ``on_corrupt``: "fail" raises ``CorruptShardError``; "skip" skips the shard, adds its
     rows to ``rows_skipped``, counts it in ``shards_skipped`` and warns (a shard skipped in
     several epochs counts each time; an epoch in which every shard was skipped raises
@@ -104,6 +109,7 @@ class BufferReader:
         prefetch: int = 2,
         reader_id: str | None = None,
         state: dict | None = None,
+        split: str | None = None,
     ):
         if hook not in buffer.hooks:
             raise KeyError(f"buffer at {buffer.path!r} has no hook {hook!r}; hooks: {sorted(buffer.hooks)}")
@@ -117,6 +123,10 @@ class BufferReader:
             raise ValueError(f"BufferReader seed must be an int >= 0, got {seed!r}")
         if on_corrupt not in ON_CORRUPT:
             raise ValueError(f"BufferReader on_corrupt {on_corrupt!r} is not supported; accepted: {', '.join(ON_CORRUPT)}")
+        if split is not None and split not in SPLITS:
+            raise ValueError(f"BufferReader split {split!r} is not supported; accepted: None (every row), {', '.join(SPLITS)}")
+        if split is not None:
+            eval_fraction(buffer)  # a buffer without a held-out split: refused now, not after the first mix
         if not isinstance(prefetch, int) or prefetch < 0:
             raise ValueError(f"BufferReader prefetch must be an int >= 0 (mixes read ahead; 0 = no thread), got {prefetch!r}")
         self.buffer = buffer
@@ -130,6 +140,7 @@ class BufferReader:
         self.on_corrupt = on_corrupt
         self.prefetch = prefetch
         self.reader_id = reader_id
+        self.split = split
         if reader_id is not None:  # now rather than after the first mix
             check_reader_id(reader_id, buffer.path)
         self._start = _fresh_position()
@@ -149,7 +160,7 @@ class BufferReader:
         """Where the consumer is: JSON-serialisable. Pass it as ``state=`` (or to
         ``load_state_dict``) to continue with exactly the batches that come next."""
         state = {"version": STATE_VERSION, "hook": self.hook, "batch_size": self.batch_size, "seed": self.seed,
-                 "shards_in_mix": self.shards_in_mix, **self._pos, "rows_read": self.rows_read}
+                 "shards_in_mix": self.shards_in_mix, "split": self.split, **self._pos, "rows_read": self.rows_read}
         return json.loads(json.dumps(state))
 
     def load_state_dict(self, state: dict) -> None:
@@ -244,10 +255,15 @@ class BufferReader:
 
     # ------------------------------------------------------------------ producer side (may run in a thread)
 
-    def _read_shard(self, shard_id: int, skips: "_Skips") -> torch.Tensor | None:
-        """The shard's rows [n, d_in] (stored dtype), or None if skipped (counted in ``skips``)."""
+    def _read_shard(self, shard_id: int, skips: "_Skips") -> tuple[torch.Tensor, np.ndarray] | None:
+        """The shard's rows of this reader's split [n, d_in] (stored dtype) and their row numbers
+        in the shard [n]; or None if skipped (counted in ``skips``)."""
         try:
-            return self.buffer.read_tensor(self.hook, shard_id)
+            rows = self.buffer.read_tensor(self.hook, shard_id)
+            if self.split is None:
+                return rows, np.arange(len(rows))
+            keep = split_mask(self.buffer, shard_id, self.split)
+            return rows[torch.from_numpy(keep)], np.flatnonzero(keep)
         except (CorruptShardError, ShardDroppedError) as e:
             if isinstance(e, CorruptShardError) and self.on_corrupt == "fail":
                 raise
@@ -339,10 +355,11 @@ class BufferReader:
                       "shards_skipped": skips.shards, "finished": False}
             parts, ids = [carry], [carry_ids]
             for s in mix:
-                rows = self._read_shard(s, skips)
-                if rows is not None:
+                read = self._read_shard(s, skips)
+                if read is not None:
+                    rows, numbers = read
                     parts.append(rows)
-                    ids.append(np.stack([np.full(len(rows), s), np.arange(len(rows))], axis=1).astype(np.int64))
+                    ids.append(np.stack([np.full(len(rows), s), numbers], axis=1).astype(np.int64))
                     if epoch_rows is not None:
                         epoch_rows += len(rows)
             rows, row_ids = torch.cat(parts), np.concatenate(ids)

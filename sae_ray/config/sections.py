@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field, model_validator
 
 from sae_ray import default_tracking_uri
 from sae_ray.dtypes import ActivationDtype
@@ -51,6 +51,7 @@ class BufferConfig(Section):
     codec_level: int = Field(1, ge=0, le=9, description="Blosc compression level.")
     max_gb: float | None = Field(None, gt=0, description="Bounded streaming window: producers wait while committed shards take this many GB; a shard is dropped once every trial has passed it. None: keep the whole buffer as a cache.")
     on_corrupt: Literal["fail", "skip"] = Field("fail", description="A shard that fails its checksum: stop with an error naming it, or skip it and count the rows skipped.")
+    eval_fraction: float = Field(0.05, gt=0, le=0.5, description="Share of the documents held out (by a hash of the document index): training never reads their rows, and every figure of a trained SAE is measured on them. Part of the buffer's fingerprint.")
 
 
 class ProducerConfig(Section):
@@ -75,6 +76,24 @@ class SweepConfig(Section):
     extra: dict[str, dict[str, Any]] = Field({}, description="Architecture knobs by architecture, kept in each SAE's cfg.extra, e.g. {jumprelu: {bandwidth: 0.05}, topk: {k_aux: 256}}; each architecture's `knobs` lists what it reads.")
 
 
+class MonitorConfig(Section):
+    """The live quality monitor (`sae_ray.train.monitor`): verdicts on every SAE of a stack at each log step.
+    The thresholds are our choices where no source gives a number; each description says which."""
+
+    enabled: bool = Field(True, description="Watch every SAE at each log step: stop one whose loss or weights hold NaN/inf, that is dense, or no better than the mean; flag (warn) one that is fairly dense or mostly dead.")
+    warmup_fraction: float = Field(0.1, ge=0, lt=1, description="Share of train.total_tokens before the dense, dead and FVU checks start (NaN/inf is checked from the first log step); FVU must also stay >= 1 this long to stop an SAE. 0.1 is our choice, twice the sparsity warmup of the Anthropic April 2024 update (0.05); no source gives one.")
+    max_l0_fraction: float = Field(0.20, gt=0, le=1, description="Stop an SAE whose L0 is above this share of d_sae after the warmup, with its sparsity penalty at full strength (after train.sparsity_warmup_fraction), and not falling (no lower than at the first log step at full strength); above it at the end: warn. Dense latents: Anthropic April 2024 update, Gao et al. 2024; L0 as SAELens and SAEBench report it; 0.2 and the not-falling rule are our choices (no source gives a threshold).")
+    warn_l0_fraction: float = Field(0.05, gt=0, le=1, description="Flag (warn) an SAE whose L0 is above this share of d_sae after the warmup, at full sparsity penalty; at most max_l0_fraction. 0.05 is our choice (no source gives a threshold).")
+    max_dead_fraction: float = Field(0.5, ge=0, le=1, description="Flag (warn) an SAE with more than this share of latents dead (silent for train.dead_tokens tokens), as SAELens and SAEBench report the dead fraction (dead latents: Gao et al. 2024, Anthropic April 2024 update); 0.5 is our choice (no source gives a threshold).")
+
+    @model_validator(mode="after")
+    def _warn_below_stop(self) -> MonitorConfig:
+        if self.warn_l0_fraction > self.max_l0_fraction:
+            raise ValueError(f"warn_l0_fraction {self.warn_l0_fraction!r} > max_l0_fraction {self.max_l0_fraction!r}: "
+                             "the warning level must be at or below the stop level")
+        return self
+
+
 class TrainConfig(Section):
     """How each SAE (or stack of SAEs) is trained; defaults follow the published recipes named per field."""
 
@@ -94,11 +113,12 @@ class TrainConfig(Section):
     autocast: Literal["auto", "bf16", "off"] = Field("auto", description="bfloat16 autocast of the forward pass; 'auto': on for CUDA, off for CPU.")
     seed: int = Field(0, ge=0, description="Seed for SAE init and the reader's shard order.")
     log_every: int = Field(20, gt=0, description="Steps between metric reports.")
-    eval_rows: int = Field(8192, gt=0, description="Rows used for the final FVU/L0 evaluation: the first rows of the lowest committed shard.")
+    eval_rows: int = Field(8192, gt=0, description="Held-out rows the final FVU, L0 and dead fraction are measured on: the first ones in shard order, the same for every SAE of the buffer (buffer.eval_fraction must hold this many).")
     dead_tokens: int = Field(1_000_000, gt=0, description="A latent that has not fired for this many tokens counts as dead.")
     device: Device = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
     keep_freed_memory: bool = Field(True, description="On CPU (Linux, glibc) a trial keeps the memory it frees for the next step instead of handing it back to the kernel, which zeroes it again every step (sae_ray.train.memory). The trial keeps its peak memory until it ends; the README's benchmark section has what it gains (sae-ray bench train).")
     wait_for_buffer: bool = Field(False, description="Wait for the whole buffer before training (default: start as soon as a shard is committed).")
+    monitor: MonitorConfig = MonitorConfig()
 
 
 class TrackingConfig(Section):
@@ -214,6 +234,12 @@ def rule_problems(sections: dict[str, BaseModel]) -> list[str]:
     buf: BufferConfig | None = sections.get("buffer")  # type: ignore[assignment]
     if buf is not None and buf.shard_rows % buf.chunk_rows:
         problems.append(f"buffer.chunk_rows: value {buf.chunk_rows}: must divide buffer.shard_rows ({buf.shard_rows})")
+    train: TrainConfig | None = sections.get("train")  # type: ignore[assignment]
+    buf, train = buf or BufferConfig(), train or TrainConfig()
+    if buf.n_tokens * buf.eval_fraction < train.eval_rows:
+        problems.append(f"buffer.eval_fraction: value {buf.eval_fraction}: holds out about "
+                        f"{buf.n_tokens * buf.eval_fraction:,.0f} of buffer.n_tokens {buf.n_tokens:,} rows, fewer than "
+                        f"train.eval_rows {train.eval_rows:,}: raise buffer.eval_fraction or n_tokens, or lower train.eval_rows")
     problems += _duplicates_and_devices(sections)
     return problems
 

@@ -24,7 +24,7 @@ from sae_ray.sae.config import SPARSITY_PARAMS
 _SHORT = {"k": "k", "l1_coefficient": "l1_", "l0_coefficient": "l0_"}
 
 SUMMARY_COLUMNS = ["sae", "architecture", "d_sae", "k", "l1_coefficient", "l0_coefficient", "l0", "fvu",
-                   "dead_fraction", "tokens_seen", "train_tokens_per_s", "version"]
+                   "dead_fraction", "tokens_seen", "train_tokens_per_s", "verdict", "version"]
 """The columns of the printed summary table (`summary_row` has a few more)."""
 
 
@@ -169,12 +169,14 @@ def trial_problems(cfg: RunConfig, trials: list[Trial]) -> list[str]:
 
 
 def summary_row(trial: Trial, final: dict[str, Any]) -> dict[str, Any]:
-    """One row of the sweep summary: the trial's identity and its final (held-out) figures."""
+    """One row of the sweep summary: the trial's identity, its final (held-out) figures and the
+    monitor's verdict (l0 and fvu are None for an SAE the monitor stopped)."""
     return {
         "sae": trial.name, "architecture": trial.architecture, "d_sae": trial.d_sae,
         **{p: trial.get(p) for p in SPARSITY_PARAMS}, "hook": trial.hook,
         "l0": final["l0"], "fvu": final["fvu"], "dead_fraction": final["dead_fraction"],
         "tokens_seen": final["tokens_seen"], "train_tokens_per_s": final["train_tokens_per_s"],
+        "verdict": final["verdict"], "reasons": final["reasons"],
         "version": final["registered_version"], "mlflow_run_id": final["mlflow_run_id"],
     }
 

@@ -16,6 +16,7 @@ from ray import tune
 
 from sae_ray import tracking
 from sae_ray.buffer import ActivationBuffer, BufferReader
+from sae_ray.buffer.split import held_out_rows
 from sae_ray.config import RunConfig
 from sae_ray.devices import pick_device
 from sae_ray.eval.metrics import evaluate_sae
@@ -54,38 +55,53 @@ def train_trial(config: dict[str, Any]) -> None:
         })
         tracking.log_params(client, run_id, {"trial": {**t.tags(), "hook_layer": t.hook_layer}, "config": config["run"]})
         run_ids.append(run_id)
-    # Final figures are computed on fixed, reproducible rows: the first rows of the lowest shard
-    # committed when the trial starts. Read them now: a windowed buffer may drop that shard later.
-    eval_shard, x_eval = _eval_rows(buffer, hook, cfg.train.eval_rows)
     reader_id = f"trial-{run_ids[0]}" if cfg.buffer.max_gb else None  # the coordinator drops shards all readers passed
-    reader = BufferReader(buffer, hook, cfg.train.batch_size, seed=cfg.train.seed,
-                          on_corrupt=cfg.buffer.on_corrupt, reader_id=reader_id)
 
     names = [t.name for t in stack.trials]
 
     def on_log(step: int, metrics: list[dict[str, float]]) -> None:
-        for run_id, m in zip(run_ids, metrics):
-            tracking.log_metrics(client, run_id, m, step)
+        """metrics: one dict per member still training, "member" its index in the stack."""
+        for m in metrics:
+            tracking.log_metrics(client, run_ids[m["member"]], {k: v for k, v in m.items() if k != "member"}, step)
         tune.report({"members": names, "per_member": metrics})
 
+    ended: set[str] = set()
     try:
+        # training never sees the held-out documents; the final figures are measured on them
+        reader = BufferReader(buffer, hook, cfg.train.batch_size, seed=cfg.train.seed,
+                              on_corrupt=cfg.buffer.on_corrupt, reader_id=reader_id, split="train")
         try:
             state = train_sae(sae, iter(reader), cfg.train, on_log=on_log)
         finally:
             reader.close()
-        saes = sae.unstack() if len(cfgs) > 1 else [sae]
-        x = x_eval.to(device)
+        trained = [] if state.sae is None else (state.sae.unstack() if state.sae.n_stack else [state.sae])
+        member_of = dict(zip(state.members, trained))  # original index -> its trained SAE (survivors only)
+        x = held_out_rows(buffer, hook, cfg.train.eval_rows).to(device)
         finals = []
-        for i, (t, member, run_id) in enumerate(zip(stack.trials, saes, run_ids)):
+        for i, (t, run_id) in enumerate(zip(stack.trials, run_ids)):
+            quality = {"verdict": state.verdicts[i], "reasons": "; ".join(state.reasons[i])}
+            common = dict(tokens_seen=state.member_tokens[i], dead_fraction=state.dead_fraction[i], steps=state.step,
+                          train_seconds=state.seconds, input_scale=state.input_scale,
+                          train_tokens_per_s=state.member_tokens[i] / max(state.seconds, 1e-9),
+                          skipped_shards=reader.shards_skipped, skipped_rows=reader.rows_skipped)  # on_corrupt: skip
+            client.set_tag(run_id, "sae_ray.verdict", quality["verdict"])
+            if quality["reasons"]:
+                client.set_tag(run_id, "sae_ray.reasons", quality["reasons"])
+            if i not in member_of:  # stopped by the monitor: not evaluated, saved or registered
+                tracking.log_metrics(client, run_id, {f"final/{k}": v for k, v in common.items()}, state.step)
+                client.set_tag(run_id, "sae_ray.stopped", quality["reasons"])
+                client.set_terminated(run_id, status="FAILED")
+                ended.add(run_id)
+                finals.append({**common, **quality, "l0": None, "fvu": None, "mlflow_run_id": run_id,
+                               "registered_version": ""})
+                continue
+            member = member_of[i]
             final = evaluate_sae(member, x)
-            final["eval_dead_fraction"] = final.pop("dead_fraction")  # never fired on the eval rows
-            final["dead_fraction"] = state.dead_fraction[i]  # silent for train.dead_tokens tokens at the end
-            final.update(tokens_seen=state.tokens_seen, steps=state.step, train_seconds=state.seconds,
-                         train_tokens_per_s=state.tokens_seen / max(state.seconds, 1e-9), input_scale=state.input_scale,
-                         skipped_shards=reader.shards_skipped, skipped_rows=reader.rows_skipped)  # buffer.on_corrupt: skip
+            final["eval_dead_fraction"] = final.pop("dead_fraction")  # never fired on the held-out rows
+            final.update(common)  # dead_fraction: silent for train.dead_tokens tokens at the end
             tracking.log_metrics(client, run_id, {f"final/{k}": v for k, v in final.items()}, state.step)
-            member.cfg.extra.update(eval_shard=eval_shard, eval_rows=len(x), fvu=final["fvu"], l0=final["l0"],
-                                    tokens_seen=state.tokens_seen)
+            member.cfg.extra.update(eval_split="held-out", eval_rows=len(x), fvu=final["fvu"], l0=final["l0"],
+                                    tokens_seen=final["tokens_seen"], verdict=quality["verdict"])
             with tempfile.TemporaryDirectory() as tmp:
                 save_saelens(member, tmp)
                 client.log_artifacts(run_id, tmp, tracking.SAE_ARTIFACT_PATH)
@@ -93,28 +109,19 @@ def train_trial(config: dict[str, Any]) -> None:
             if cfg.tracking.register_models:
                 tags = {
                     **t.tags(), "l0": round(final["l0"], 4), "fvu": round(final["fvu"], 6),
-                    "dead_fraction": round(final["dead_fraction"], 6), "tokens_seen": state.tokens_seen,
-                    "eval_shard": eval_shard, "eval_rows": len(x), "run_id": run_id,
+                    "dead_fraction": round(final["dead_fraction"], 6), "tokens_seen": final["tokens_seen"],
+                    "eval_split": "held-out", "eval_rows": len(x), "run_id": run_id, **quality,
                 }
                 version = tracking.register_sae(client, tracking.registry_name(cfg.model.name, hook), run_id, tags)
             client.set_terminated(run_id)
-            finals.append({**final, "mlflow_run_id": run_id, "registered_version": version or ""})
+            ended.add(run_id)
+            finals.append({**final, **quality, "mlflow_run_id": run_id, "registered_version": version or ""})
     except BaseException:
         for run_id in run_ids:
-            client.set_terminated(run_id, status="FAILED")
+            if run_id not in ended:
+                client.set_terminated(run_id, status="FAILED")
         raise
     tune.report({"members": names, "final": finals})
-
-
-def _eval_rows(buffer: ActivationBuffer, hook: str, n: int, timeout: float = 600.0) -> tuple[int, torch.Tensor]:
-    """(shard id, float32 [<= n, d_in]): the first rows of the lowest committed shard, once there is one."""
-    start = time.monotonic()
-    while not (committed := buffer.committed()):
-        if time.monotonic() - start > timeout:
-            raise TimeoutError(f"buffer {buffer.path}: no shard committed within {timeout:.0f}s")
-        time.sleep(0.5)
-    shard = min(committed)
-    return shard, torch.as_tensor(buffer.read_rows(hook, shard, 0, min(n, committed[shard]))).float()
 
 
 def _wait_complete(buffer: ActivationBuffer, timeout: float = 24 * 3600) -> None:

@@ -45,11 +45,16 @@ class ProgressPrinter(tune.Callback):
     """One console line per reported step of each trial, instead of Tune's wide tables."""
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        for name, m in zip(result.get("members", []), result.get("per_member", [])):
-            print(f"[{name}] tokens {int(m['tokens']):>9,}  fvu {m['fvu']:.3f}  l0 {m['l0']:7.1f}  "
+        names = result.get("members", [])
+        for m in result.get("per_member", []):
+            print(f"[{names[m['member']]}] tokens {int(m['tokens']):>9,}  fvu {m['fvu']:.3f}  l0 {m['l0']:7.1f}  "
                   f"dead {m['dead_fraction']:.3f}  {m['tokens_per_s']:,.0f} tok/s", flush=True)
-        for name, m in zip(result.get("members", []), result.get("final", [])):
-            print(f"[{name}] done: fvu {m['fvu']:.4f}  l0 {m['l0']:.1f}  "
+        for name, m in zip(names, result.get("final", [])):
+            if m["verdict"] == "stopped":
+                print(f"[{name}] stopped: {m['reasons']}", flush=True)
+                continue
+            why = f" ({m['reasons']})" if m["reasons"] else ""
+            print(f"[{name}] done: fvu {m['fvu']:.4f}  l0 {m['l0']:.1f}  {m['verdict']}{why}  "
                   f"registered version {m['registered_version'] or '-'}", flush=True)
 
 

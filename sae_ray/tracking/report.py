@@ -36,6 +36,7 @@ def plot_frontier(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [r for r in rows if r["l0"] is not None and r["fvu"] is not None]  # stopped SAEs have no figures
     fig, ax = plt.subplots(figsize=(6, 4))
     for key in sorted({(r["architecture"], r["hook"]) for r in rows}):
         pts = sorted((r["l0"], r["fvu"]) for r in rows if (r["architecture"], r["hook"]) == key)

@@ -1,7 +1,9 @@
 """The training loop: one SAE or a stack of K, batches from any iterator. Knows nothing of Ray or MLflow.
 
 Callers pass `on_log(step, metrics)` to forward metrics wherever they go (Tune, MLflow,
-a notebook's print); `metrics` holds one dict per stack member (a list of one for a single SAE).
+a notebook's print); `metrics` holds one dict per member still training (a list of one for a
+single SAE), each naming its member by its original index under "member". The quality monitor
+(`train.monitor`, `sae_ray.train.monitor`) may stop members; the others train on.
 """
 
 from __future__ import annotations
@@ -18,22 +20,37 @@ from sae_ray.config import TrainConfig
 from sae_ray.eval.metrics import dead_fraction, fvu, l0
 from sae_ray.sae import SAE, SAEOutput
 from sae_ray.train.init import MEDIAN_ROWS, expected_norm_scale, first_rows, init_b_dec
+from sae_ray.train.monitor import STOPPED, Monitor, keep_members, nonfinite_weights
 from sae_ray.train.optim import Adam, clip_grad_norm_, lr_factor, sparsity_factor
 
 
 @dataclass
 class TrainState:
+    """Where training ended. Lists "per member" have one entry per member of the SAE passed in,
+    by its original index (one entry for a single SAE), stopped members included."""
+
     step: int = 0
     """Optimizer steps taken."""
     tokens_seen: int = 0
-    """Rows the SAE has been trained on."""
+    """Rows the loop has trained on (what the longest-trained member saw)."""
     seconds: float = 0.0
     """Wall time spent in the loop (including waiting for batches)."""
     dead_fraction: list[float] = field(default_factory=list)
-    """Per stack member (one entry for a single SAE): fraction of latents that had not fired
-    for `train.dead_tokens` tokens when training ended."""
+    """Per member: fraction of latents that had not fired for `train.dead_tokens` tokens when
+    training ended (for a stopped member: when it was stopped)."""
     input_scale: float = 1.0
     """s: the SAE trained on x*s; s is folded into the returned SAE, which takes raw x."""
+    verdicts: list[str] = field(default_factory=list)
+    """Per member: the monitor's verdict, "ok", "warn" or "stopped"."""
+    reasons: list[list[str]] = field(default_factory=list)
+    """Per member: why it was flagged or stopped, e.g. "dense: L0 0.31·d_sae at 40,960 tokens"."""
+    member_tokens: list[int] = field(default_factory=list)
+    """Per member: rows it was trained on (tokens_seen, or fewer for a stopped member)."""
+    sae: SAE | None = None
+    """The trained SAE, taking raw x: the SAE passed in when no member was stopped; else a new
+    stack of the survivors (a stack of 1 if one is left), or None when every member was stopped."""
+    members: list[int] = field(default_factory=list)
+    """The original index of each member of `sae`, in order ([0] for a single SAE; [] for None)."""
 
 
 def train_sae(
@@ -43,8 +60,9 @@ def train_sae(
     on_log: Callable[[int, list[dict[str, float]]], None] | None = None,
     lrs: list[float] | None = None,
 ) -> TrainState:
-    """Train `sae` (one SAE, or a stack of K sharing each batch) in place until
-    `train.total_tokens` rows have been seen; one optimizer step per batch.
+    """Train `sae` (one SAE, or a stack of K sharing each batch) until `train.total_tokens` rows
+    have been seen; one optimizer step per batch. Returns a TrainState; the trained SAE is
+    `state.sae` (`sae` itself, trained in place, unless the monitor stopped a member).
 
     batches: yields float tensors x [B, d_in], on any device (moved to the SAE's).
     lrs: a learning rate per stack member (default: train.lr for each).
@@ -67,10 +85,20 @@ def train_sae(
     the clipped norm is the norm of the update that is actually applied (as dictionary_learning
     and SAELens order them).
 
-    on_log(step, metrics) every `train.log_every` steps and at the end; each member's dict has
-    loss, mse (summed squared error per row, in the units of x*s), fvu (of the batch; scale-free),
-    l0, dead_fraction (latents silent for `train.dead_tokens` tokens, from
-    `sae.tokens_since_fired`), `<name>_loss` for each aux term (units of x*s), lr,
+    Every `train.log_every` steps and at the end (a log step): the metrics of each member; the
+    monitor (`train.monitor`, `sae_ray.train.monitor.Monitor`) judges each member from them and
+    from its weights (NaN/inf); on_log(step, metrics); then the members it stopped are taken out:
+    the stack is rebuilt from the survivors, and Adam goes on with their moments and step counts
+    (`monitor.keep_members`), so the survivors train exactly as before and the stopped ones cost
+    nothing more. Training ends when no member is left (a single SAE that is stopped ends it).
+
+    on_log(step, metrics): `metrics` is a list with one dict per member still training, in the
+    order of the current stack; each dict's "member" is that member's original index (its
+    position in the SAE passed in, 0 for a single SAE; key by it, not by list position). The log
+    step that stops a member still carries its dict (the figures that stopped it); later ones do
+    not. Each dict has member, loss, mse (summed squared error per row, in the units of x*s),
+    fvu (of the batch; scale-free), l0, dead_fraction (latents silent for `train.dead_tokens`
+    tokens, from `sae.tokens_since_fired`), `<name>_loss` for each aux term (units of x*s), lr,
     sparsity_scale, tokens, tokens_per_s.
     """
     device = next(sae.parameters()).device
@@ -83,8 +111,10 @@ def train_sae(
     betas = train.adam_betas or sae.adam_betas
     opt = Adam(sae.parameters(), lr=lrs[0] if same_lr else lrs, betas=betas, n_stack=n_stack)
     bf16 = train.autocast == "bf16" or (train.autocast == "auto" and device.type == "cuda")
+    monitor = Monitor(train.monitor, n, sae.cfg.d_sae, train.total_tokens)
+    members = list(range(n))  # the original index of each member of the stack being trained
 
-    state = TrainState()
+    state = TrainState(dead_fraction=[0.0] * n, member_tokens=[0] * n)
     start = time.perf_counter()
     batches = iter(batches)
     first = _take(batches, train.init_batches, train.total_tokens)
@@ -96,6 +126,7 @@ def train_sae(
     sae.train()
     sae.dead_tokens = train.dead_tokens
     last_tokens, last_time = 0, start
+    watch = on_log is not None or train.monitor.enabled  # metrics are computed only at log steps
     for x in _replay(first, batches):
         x = x.to(device, non_blocking=True).float()
         if scale != 1.0:
@@ -115,20 +146,40 @@ def train_sae(
         state.step += 1
         state.tokens_seen += x.shape[0]
         done = state.tokens_seen >= train.total_tokens
-        if on_log is not None and (state.step % train.log_every == 0 or done):
+        if watch and (state.step % train.log_every == 0 or done):
             now = time.perf_counter()
             per_s = (state.tokens_seen - last_tokens) / max(now - last_time, 1e-9)
             extra = {"sparsity_scale": sae.sparsity_scale, "tokens": float(state.tokens_seen), "tokens_per_s": per_s}
-            on_log(state.step, _metrics(sae, out, x, [lr * lr_now for lr in lrs], extra))
+            metrics = _metrics(sae, out, x, [lr * lr_now for lr in lrs], extra, members)
+            bad = nonfinite_weights(sae) if train.monitor.enabled else [[]] * len(members)
+            stop = [i for i, m in enumerate(metrics) if monitor.check(m, bad[i], last=done) == STOPPED]
+            if on_log is not None:
+                on_log(state.step, metrics)
             last_tokens, last_time = state.tokens_seen, now
+            for i in stop:
+                state.member_tokens[members[i]] = state.tokens_seen
+                state.dead_fraction[members[i]] = metrics[i]["dead_fraction"]
+            keep = [i for i in range(len(members)) if i not in stop]
+            if not keep:
+                sae, members = None, []
+                break
+            if stop:
+                sae, opt = keep_members(sae, opt, keep)
+                members, lrs = [members[i] for i in keep], [lrs[i] for i in keep]
+                n_stack, same_lr = sae.n_stack, len(set(lrs)) == 1
         if done:
             break
 
-    sae.sparsity_scale = 1.0
-    if scale != 1.0:
-        sae.fold_input_scale(scale)
+    if sae is not None:
+        sae.sparsity_scale = 1.0
+        if scale != 1.0:
+            sae.fold_input_scale(scale)
+        dead = dead_fraction(sae.tokens_since_fired, sae.dead_tokens).reshape(-1).tolist()
+        for k, d in zip(members, dead):
+            state.dead_fraction[k], state.member_tokens[k] = d, state.tokens_seen
     state.seconds = time.perf_counter() - start
-    state.dead_fraction = dead_fraction(sae.tokens_since_fired, sae.dead_tokens).reshape(-1).tolist()
+    state.sae, state.members = sae, members
+    state.verdicts, state.reasons = monitor.verdicts, monitor.reasons
     return state
 
 
@@ -154,12 +205,13 @@ def _replay(first: list[Tensor], rest: Iterator[Tensor]) -> Iterator[Tensor]:
 
 
 @torch.no_grad()
-def _metrics(sae: SAE, out: SAEOutput, x: Tensor, lrs: list[float], extra: dict[str, float]) -> list[dict[str, float]]:
-    """One dict per member. x [B, d_in] (scaled); out.x_hat [B, d_in] or [K, B, d_in]."""
+def _metrics(sae: SAE, out: SAEOutput, x: Tensor, lrs: list[float], extra: dict[str, float],
+             members: list[int]) -> list[dict[str, float]]:
+    """One dict per member, "member" its original index. x [B, d_in] (scaled); out.x_hat [B, d_in] or [K, B, d_in]."""
     named = {"loss": out.loss, "mse": out.mse, "fvu": fvu(x, out.x_hat), "l0": l0(out.feature_acts),
              "dead_fraction": dead_fraction(sae.tokens_since_fired, sae.dead_tokens)}
     named.update({f"{k}_loss": v for k, v in out.aux.items()})
     n = len(lrs)
     rows = torch.stack([torch.as_tensor(v, device=x.device).float().reshape(n) for v in named.values()]).T.tolist()
-    return [{**dict(zip(named, row)), "lr": lr, **extra} for row, lr in zip(rows, lrs)]
+    return [{"member": k, **dict(zip(named, row)), "lr": lr, **extra} for k, row, lr in zip(members, rows, lrs)]
 
