@@ -20,7 +20,8 @@ from sae_ray.config import ConfigError, RunConfig
 from sae_ray.preflight import Plan, preflight, resource_problems
 
 _PRODUCTION: dict[str, list] = {}
-"""Coordinator name -> [coordinator, *producers] of the production this driver runs."""
+"""Coordinator name -> [coordinator, *producers] of the production this driver runs ([coordinator]
+once the producers are done)."""
 
 
 def connect_ray(cfg: RunConfig, address: str | None = None) -> None:
@@ -76,9 +77,11 @@ def start_production(cfg: RunConfig, plan: Plan, bounded: bool = True, progress_
     held = _PRODUCTION[name] = [coordinator, *producers]  # held while producing, so that Ray keeps (and restarts) them
     refs = [pr.run.remote() for pr in producers]
 
-    def release() -> None:  # once the producers are done, their resources go back to the trials
+    def release() -> None:
+        """Once the producers are done their resources go back to the trials; the coordinator (no
+        CPUs) stays held, so a `status()` asked just then still gets an answer."""
         if _PRODUCTION.get(name) is held:
-            del _PRODUCTION[name]
+            _PRODUCTION[name] = held[:1]
 
     watch_in_background(coordinator, refs, progress_every, on_done=release)
     return refs
