@@ -80,7 +80,7 @@ def test_dense_but_falling_is_only_flagged_and_flagged_once():
     assert mon.check(m(500, l0=40)) == "ok"  # warmup
     for t, l0 in ((1000, 30), (2000, 20), (3000, 14)):
         assert mon.check(m(t, l0=l0)) == "warn"
-    assert mon.reasons[0] == ["dense: L0 0.47·d_sae at 1,000 tokens (warn above 0.05)"]
+    assert mon.reasons[0] == ["dense: L0 0.22·d_sae at 3,000 tokens (warn above 0.05)"]  # one reason, the latest figure
     assert mon.check(m(TOTAL, l0=13), last=True) == "warn"  # still above 0.2 at the end: flagged, kept
     assert mon.reasons[0][-1] == "dense: L0 0.20·d_sae at 10,000 tokens, the end (above 0.2)"
     assert mon.check(m(500, l0=2.0)) == "warn"  # a verdict never gets better

@@ -23,7 +23,7 @@ last (short tests) is never stopped for density or FVU, only flagged.
 
 A verdict only gets worse ("ok" -> "warn" -> "stopped"). Each reason is one line naming the
 check, the figure and the tokens seen, e.g. "dense: L0 0.31·d_sae at 40,960 tokens (...)"; a
-warning is recorded the first time its check fires, a stop once.
+warning keeps the figure of the last time its check fired, a stop is recorded once.
 """
 
 from __future__ import annotations
@@ -106,8 +106,12 @@ class Monitor:
         return STOPPED
 
     def _warn(self, k: int, kind: str, reason: str) -> None:
-        """Flag member k; the reason is recorded unless one of `kind` already was ("": always)."""
-        if not kind or not any(r.startswith(kind + ":") for r in self.reasons[k]):
+        """Flag member k. A reason of `kind` replaces the one recorded before, so it tells the latest
+        figure ("": always added)."""
+        same = [i for i, r in enumerate(self.reasons[k]) if kind and r.startswith(kind + ":")]
+        if same:
+            self.reasons[k][same[0]] = reason
+        else:
             self.reasons[k].append(reason)
         self.verdicts[k] = WARN
 
