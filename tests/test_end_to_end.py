@@ -98,6 +98,7 @@ def test_sweep_end_to_end(tmp_path, tiny_model_factory, sample_texts, local_ray,
         if v.tags["architecture"] == "topk":
             assert again["l0"] <= int(v.tags["k"]) + 1e-6
         assert again["l0"] == pytest.approx(float(v.tags["l0"]), rel=1e-3)
+        assert again["dead_fraction"] == pytest.approx(float(v.tags["dead_fraction"]), abs=1e-6)  # held out too
 
     # Aliases and the summary in the parent run.
     assert client.get_model_version_by_alias(name, "best-fvu").version in {v.version for v in versions}

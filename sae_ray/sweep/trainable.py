@@ -80,7 +80,8 @@ def train_trial(config: dict[str, Any]) -> None:
         finals = []
         for i, (t, run_id) in enumerate(zip(stack.trials, run_ids)):
             quality = {"verdict": state.verdicts[i], "reasons": "; ".join(state.reasons[i])}
-            common = dict(tokens_seen=state.member_tokens[i], dead_fraction=state.dead_fraction[i], steps=state.step,
+            # train_dead_fraction: silent for train.dead_tokens training tokens at the end (what the monitor watched)
+            common = dict(tokens_seen=state.member_tokens[i], train_dead_fraction=state.dead_fraction[i], steps=state.step,
                           train_seconds=state.seconds, input_scale=state.input_scale,
                           train_tokens_per_s=state.member_tokens[i] / max(state.seconds, 1e-9),
                           skipped_shards=reader.shards_skipped, skipped_rows=reader.rows_skipped)  # on_corrupt: skip
@@ -92,13 +93,12 @@ def train_trial(config: dict[str, Any]) -> None:
                 client.set_tag(run_id, "sae_ray.stopped", quality["reasons"])
                 client.set_terminated(run_id, status="FAILED")
                 ended.add(run_id)
-                finals.append({**common, **quality, "l0": None, "fvu": None, "mlflow_run_id": run_id,
-                               "registered_version": ""})
+                finals.append({**common, **quality, "l0": None, "fvu": None, "dead_fraction": None,
+                               "mlflow_run_id": run_id, "registered_version": ""})
                 continue
             member = member_of[i]
             final = evaluate_sae(member, x)
-            final["eval_dead_fraction"] = final.pop("dead_fraction")  # never fired on the held-out rows
-            final.update(common)  # dead_fraction: silent for train.dead_tokens tokens at the end
+            final.update(common)  # dead_fraction: never fired on the held-out rows
             tracking.log_metrics(client, run_id, {f"final/{k}": v for k, v in final.items()}, state.step)
             member.cfg.extra.update(eval_split="held-out", eval_rows=len(x), fvu=final["fvu"], l0=final["l0"],
                                     tokens_seen=final["tokens_seen"], verdict=quality["verdict"])
