@@ -35,7 +35,7 @@ def cmd_run(args) -> int:
     start = time.perf_counter()
     cfg = _load(args)
     plan = preflight(cfg, address=args.address)
-    result = run_sweep(cfg, address=args.address, plan=plan)
+    result = run_sweep(cfg, address=args.address, plan=plan, fresh=args.fresh)
     print()
     print(format_table(result.rows))
     for s in result.producer_stats:
@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = with_config(sub.add_parser("run", help="produce the buffer and train the sweep"))
     r.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    r.add_argument("--fresh", action="store_true",
+                   help="start a new sweep even if this config's last one did not finish (default: resume it); deletes nothing")
     r.set_defaults(fn=cmd_run)
     c = with_config(sub.add_parser("cache", help="produce the activation buffer only"))
     c.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")

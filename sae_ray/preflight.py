@@ -7,9 +7,11 @@ model's config and builds the model on the meta device (no weights, no compute).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from sae_ray.config import ConfigError, RunConfig
@@ -55,10 +57,12 @@ def _hook_widths(model, config, resolved) -> dict[str, int]:
         return {h.name: int(config.hidden_size) for h in resolved}
 
 
-def preflight(cfg: RunConfig, check_data: bool = True, check_buffer: bool = True, address: str | None = None) -> Plan:
+def preflight(cfg: RunConfig, check_data: bool = True, check_buffer: bool = True, address: str | None = None,
+              window: bool = True) -> Plan:
     """The plan of `cfg`, or ConfigError with every problem. Paths are made absolute first,
     so the fingerprint does not depend on how a path was written. `address`: the Ray cluster
-    the run will join (resources are checked against it once joined; see `resource_problems`)."""
+    the run will join (resources are checked against it once joined; see `resource_problems`).
+    window: check buffer.max_gb for a sweep (`window_problems`); `sae-ray cache` ignores it."""
     from sae_ray.activations.hooks import resolve_hook
 
     cfg = cfg.with_absolute_paths()
@@ -116,6 +120,8 @@ def preflight(cfg: RunConfig, check_data: bool = True, check_buffer: bool = True
         problems += _buffer_problems(cfg.buffer_path(), fingerprint)
 
     problems += resource_problems(cfg, address=address)
+    if window and hooks:
+        problems += window_problems(cfg, hooks, len(pack_stacks(trials, cfg.sae.max_stack)), available_resources(address))
     problems += tracking_problems(cfg)
     if problems:
         raise ConfigError(problems, "preflight")
@@ -229,6 +235,100 @@ def resource_problems(cfg: RunConfig, available: dict[str, Any] | None = None, a
     for field, device in (("model.device", cfg.model.device), ("train.device", cfg.train.device)):
         if device.startswith("cuda") and gpu < eps:
             problems.append(f"{field}: value {device!r}: {has}; use 'auto' (cuda where there is a GPU, else cpu) or 'cpu'")
+    return problems
+
+
+def window_shards(cfg: RunConfig, hooks: dict[str, int]) -> tuple[int, int]:
+    """(shards a window of buffer.max_gb holds at least, the most bytes one shard can take): the
+    bytes are the shard's values uncompressed (every hook's activations plus the int32 token and
+    position and int64 doc_index columns) plus the Zarr/Blosc framing; compression only makes a
+    shard smaller, so more of them fit. Producers claim a shard while the live ones take less
+    than buffer.max_gb, so the window fills at ceil(max_gb / shard bytes) shards."""
+    from sae_ray.dtypes import STORAGE_DTYPES
+
+    b = cfg.buffer
+    values = sum(hooks.values()) * np.dtype(STORAGE_DTYPES[b.dtype]).itemsize + 16
+    framing = (len(hooks) + 3) * (b.shard_rows // b.chunk_rows * 48 + 64)
+    shard_bytes = math.ceil(b.shard_rows * values * 1.01) + framing
+    return max(1, math.ceil(b.max_gb * 1e9 / shard_bytes)), shard_bytes
+
+
+def window_problems(cfg: RunConfig, hooks: dict[str, int], n_stacks: int, available: dict[str, Any] | None) -> list[str]:
+    """What makes a sweep with a bounded window (buffer.max_gb) stall or train short; [] without one.
+
+    A window is read once (each trial reads each shard once), a shard is dropped only once every
+    trial has passed it (a trial that has not started yet holds every shard) and the shards with
+    the held-out rows every trial evaluates on are kept to the end. So, when the window binds
+    (the buffer would not fit in it): it must hold those held-out shards plus what readers mix at
+    once; when not every stack can run at once, each trial must finish within the window; and
+    no trial may wait for the whole buffer (train.wait_for_buffer). Whatever the window: a trial
+    cannot read more training rows than the buffer will hold.
+    available: as `resource_problems` takes it (None: the trials-at-once rule is not checked).
+    Figures of rows are estimates from buffer.eval_fraction (the split is by document)."""
+    from sae_ray.buffer.reader import SHARDS_IN_MIX
+
+    b, t, r, p = cfg.buffer, cfg.train, cfg.resources, cfg.producers
+    if b.max_gb is None or not hooks:
+        return []
+    problems = []
+    need = math.ceil(t.total_tokens / t.batch_size) * t.batch_size  # whole batches
+    train_share = 1 - b.eval_fraction
+    if need > b.n_tokens * train_share:
+        problems.append(
+            f"train.total_tokens: value {t.total_tokens:,}: with a bounded window (buffer.max_gb {b.max_gb:g}) every shard "
+            f"is read once, and the buffer will hold at most about {b.n_tokens * train_share:,.0f} training rows (buffer.n_tokens "
+            f"{b.n_tokens:,} x (1 - buffer.eval_fraction {b.eval_fraction:g})), fewer if the dataset ends first; a trial needs "
+            f"{need:,} (train.total_tokens in whole batches of train.batch_size {t.batch_size:,}). Accepted: train.total_tokens "
+            f"<= about {b.n_tokens * train_share:,.0f}, or buffer.n_tokens >= {math.ceil(need / train_share):,}, or no "
+            "buffer.max_gb (the whole buffer is kept and read over several epochs)")
+    held, shard_bytes = window_shards(cfg, hooks)
+    if math.ceil(b.n_tokens / b.shard_rows) <= held:
+        return problems  # the whole buffer fits: nothing is ever dropped, nothing waits
+    if t.wait_for_buffer:
+        problems.append(
+            f"train.wait_for_buffer: value True: with a bounded window (buffer.max_gb {b.max_gb:g}) that the buffer does not "
+            "fit in, the producers wait for trials to read the window before they write the rest, so a trial waiting for "
+            "the whole buffer would wait forever. Accepted: train.wait_for_buffer False, or no buffer.max_gb")
+    eval_shards = math.ceil(t.eval_rows / (b.shard_rows * b.eval_fraction))
+    least = eval_shards + SHARDS_IN_MIX + 1
+    if held < least:
+        problems.append(
+            f"buffer.max_gb: value {b.max_gb:g}: holds about {held} shards of up to {shard_bytes:,} bytes (buffer.shard_rows "
+            f"{b.shard_rows:,} rows of {sum(hooks.values()):,} activation values in {b.dtype} and 16 bytes of tokens, "
+            f"doc_index and position, uncompressed); a window must hold at least {least}: about {eval_shards} with the "
+            f"held-out rows every trial evaluates on (train.eval_rows {t.eval_rows:,} / (buffer.shard_rows x "
+            f"buffer.eval_fraction {b.eval_fraction:g})), kept to the end, {SHARDS_IN_MIX} a reader mixes at once and 1 "
+            f"coming in. Accepted: buffer.max_gb >= {least * shard_bytes / 1e9:.3g}, or none (keep the whole buffer)")
+    if available is None:
+        return problems
+    cpu, gpu, eps = float(available.get("CPU", 0)), float(available.get("GPU", 0)), 1e-9
+    at_once = math.floor((cpu - p.count * p.num_cpus + eps) / r.cpus_per_trial)
+    why = (f"{cpu:g} CPUs less the producers' {p.count * p.num_cpus:g} leave room for {max(at_once, 0)} trials of "
+           f"resources.cpus_per_trial {r.cpus_per_trial:g}")
+    if r.gpus_per_trial > 0:
+        by_gpu = math.floor((gpu - p.count * p.num_gpus + eps) / r.gpus_per_trial)
+        if by_gpu < at_once:
+            at_once, why = by_gpu, (f"{gpu:g} GPUs less the producers' {p.count * p.num_gpus:g} leave room for "
+                                    f"{max(by_gpu, 0)} trials of resources.gpus_per_trial {r.gpus_per_trial:g}")
+    if r.max_concurrent_trials is not None and r.max_concurrent_trials < at_once:
+        at_once, why = r.max_concurrent_trials, f"resources.max_concurrent_trials is {r.max_concurrent_trials}"
+    if at_once < 1:
+        problems.append(
+            f"resources.cpus_per_trial: value {r.cpus_per_trial:g}: no trial can run beside the producers ({why}), and with "
+            f"a bounded window (buffer.max_gb {b.max_gb:g}) they hold their share until trials have read the window: nothing "
+            "would ever move. Accepted: resources.cpus_per_trial / gpus_per_trial small enough for one trial beside the "
+            "producers, fewer producers (producers.count, num_cpus, num_gpus), or no buffer.max_gb")
+        return problems
+    rows_held = held * b.shard_rows * train_share
+    if n_stacks > at_once and need > rows_held:
+        more = math.ceil(need / (b.shard_rows * train_share))
+        problems.append(
+            f"train.total_tokens: value {t.total_tokens:,}: the window (buffer.max_gb {b.max_gb:g}) holds about {held} shards, "
+            f"about {rows_held:,.0f} training rows, and only {at_once} of the {n_stacks} stacks can run at once ({why}); a trial "
+            f"that has not started holds every shard in the window, so the trials that run first must finish within it, but "
+            f"each needs {need:,} rows. Accepted: train.total_tokens <= about {rows_held:,.0f}, buffer.max_gb >= "
+            f"{more * shard_bytes / 1e9:.3g}, or every stack at once (resources.max_concurrent_trials >= {n_stacks} and the "
+            "CPUs/GPUs for them beside the producers, or fewer stacks: a larger sae.max_stack)")
     return problems
 
 

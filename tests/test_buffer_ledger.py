@@ -220,3 +220,129 @@ def test_without_a_window_nothing_is_ever_dropped(tmp_path):
         ledger.commit(0, sid, 4)
         buf.write_reader_progress("trial-a", range(i + 1))
     assert buf.dropped() == {} and len(buf.committed()) == 3
+
+
+# ----------------------------------------------------------------------------- the window in a sweep, Ray-free
+
+
+def test_a_registered_reader_that_has_not_started_holds_every_shard(tmp_path):
+    """Reader ids registered up front (one per stack): a trial that has not started yet has passed
+    nothing, so nothing is dropped until it has; a reader that is done holds nothing."""
+    buf = make_buffer(tmp_path / "b", shard_rows=4, d=64)
+    ledger = ShardLedger(buf, n_tokens=1000, n_producers=2, max_gb=1e-9, readers=["trial-a", "trial-b"])
+    assert (ledger.claim(0), ledger.claim(1)) == (0, 1)  # nothing committed yet: the window is empty
+    for rank in (0, 1):
+        write(buf, rank, rank, 4)
+        ledger.commit(rank, rank, 4)
+    assert ledger.claim(0) == WAIT
+    buf.write_reader_progress("trial-a", [0, 1])
+    buf.write_reader_progress("someone-else", [0, 1])  # an extra reader counts too, but cannot stand in for trial-b
+    assert ledger.claim(0) == WAIT and buf.dropped() == {}  # trial-b has not started: it still needs both
+    buf.write_reader_progress("trial-b", [1])
+    assert ledger.claim(0) == WAIT and buf.dropped() == {1: 4} and list(buf.committed()) == [0]
+    buf.write_reader_progress("trial-b", [], done=True)  # finished (or failed): it needs nothing more
+    assert ledger.claim(1) == 2 and buf.dropped() == {0: 4, 1: 4}
+    assert ledger.status()["readers"] == ["trial-a", "trial-b"]
+    rebuilt = ShardLedger(ActivationBuffer.open(buf.path), n_tokens=1000, n_producers=2, max_gb=1e-9)
+    assert rebuilt.readers == ("trial-a", "trial-b") and rebuilt.min_readers == 2  # the registration is on disk
+
+
+def split_buffer(path, shard_rows=8, eval_fraction=0.5) -> ActivationBuffer:
+    buf = ActivationBuffer.create_or_open(str(path), {"eval_fraction": eval_fraction}, {HOOK: 64}, shard_rows, 2,
+                                          codec="none")
+    buf.set_production({"producers": 1})
+    return buf
+
+
+def write_docs(buf: ActivationBuffer, shard_id: int, docs: np.ndarray) -> None:
+    """One row per document index in `docs`; acts = shard id * 100 + row."""
+    n = len(docs)
+    acts = (shard_id * 100 + np.arange(n, dtype=np.float32))[:, None].repeat(64, axis=1)
+    buf.write_shard(shard_id, {HOOK: acts}, np.arange(n), docs.astype(np.int64), np.zeros(n, np.int32))
+
+
+def test_the_window_keeps_the_shards_of_the_held_out_rows_every_trial_evaluates_on(tmp_path):
+    from sae_ray.buffer.split import held_out, held_out_rows
+
+    buf = split_buffer(tmp_path / "b")
+    docs = np.arange(10_000)
+    out, kept = docs[held_out(docs, 0.5)], docs[~held_out(docs, 0.5)]
+    # shard 0: 2 held-out rows, shard 1: 3, shards 2..: none; eval_rows 4 needs shards 0 and 1
+    plan = [np.r_[out[:2], kept[:6]], np.r_[out[2:5], kept[6:11]], *[kept[11 + 8 * i: 19 + 8 * i] for i in range(4)]]
+    probe = split_buffer(tmp_path / "probe")
+    probe.ensure_capacity(1)
+    write_docs(probe, 0, plan[0])
+    probe.commit_shard(0, 8)
+    window = 2.5 * probe.live_nbytes() / 1e9  # room for 2 pinned shards and 1 more
+    ledger = ShardLedger(buf, n_tokens=10_000, n_producers=1, max_gb=window, readers=["trial-a"], eval_rows=4)
+    ledger.producer_started(0)
+    sid = ledger.claim(0)
+    write_docs(buf, sid, plan[sid])
+    ledger.commit(0, sid, 8)
+    assert ledger.pinned == {0}  # 2 held-out rows so far: every live shard is needed
+    before = None
+    for _ in range(5):
+        buf.write_reader_progress("trial-a", sorted({*buf.committed(), *buf.dropped()}))  # passes all it sees
+        sid = ledger.claim(0)
+        assert sid != WAIT
+        write_docs(buf, sid, plan[sid])
+        ledger.commit(0, sid, 8)
+        if sid == 1:
+            before = held_out_rows(buf, HOOK, 4)
+    assert ledger.pinned == {0, 1} and buf.production()["pinned"] == [0, 1]
+    assert sorted(buf.dropped()) == [2, 3, 4] and sorted(buf.committed()) == [0, 1, 5]  # passed by all, never pinned
+    assert torch_equal(held_out_rows(buf, HOOK, 4), before)  # the same rows as before anything was dropped
+    buf.write_reader_progress("trial-a", [], done=True)
+    ledger.drop_passed()
+    assert sorted(buf.committed()) == [0, 1]  # kept to the end, even once every reader is done
+    rebuilt = ShardLedger(ActivationBuffer.open(buf.path), n_tokens=10_000, n_producers=1, max_gb=window, eval_rows=4)
+    assert rebuilt.pinned == {0, 1}
+
+
+def torch_equal(a, b) -> bool:
+    return a.shape == b.shape and bool((a == b).all())
+
+
+def test_a_full_window_nobody_can_leave_hands_out_one_more_shard(tmp_path):
+    """Every reader has read every live shard and waits for a new one, and the shards it still
+    carries rows of fill the window: one more shard goes out (else nothing would ever move)."""
+    buf = make_buffer(tmp_path / "b", shard_rows=4, d=64)
+    ledger = ShardLedger(buf, n_tokens=1000, n_producers=2, max_gb=1e-9, readers=["trial-a", "trial-b"])
+    sid = ledger.claim(0)
+    write(buf, sid, 0, 4)
+    ledger.commit(0, sid, 4)
+    buf.write_reader_progress("trial-a", [], waiting=True, seen=[0])  # carries rows of shard 0
+    assert ledger.claim(0) == WAIT  # trial-b has not started: it will pass shard 0 once it does
+    buf.write_reader_progress("trial-b", [0])
+    assert ledger.claim(0) == WAIT  # trial-b is still reading: it may want more before it waits
+    buf.write_reader_progress("trial-b", [0], waiting=True, seen=[0])
+    sid = ledger.claim(0)
+    assert sid == 1 and ledger.status()["window_overflows"] == 1 and buf.dropped() == {}
+    assert ledger.claim(1) == WAIT  # shard 1 is being written: no second one
+    write(buf, sid, 0, 4)
+    ledger.commit(0, sid, 4)
+    assert ledger.claim(1) == WAIT  # trial-a has not seen shard 1 yet
+    buf.write_reader_progress("trial-a", [0, 1])  # mixed the carried rows with shard 1's
+    buf.write_reader_progress("trial-b", [0, 1])
+    assert ledger.claim(1) == 2 and sorted(buf.dropped()) == [0, 1] and ledger.status()["window_overflows"] == 1
+
+
+def test_stopping_a_window_drops_what_every_reader_passed_and_keeps_the_rest(tmp_path):
+    buf = make_buffer(tmp_path / "b", shard_rows=4, d=64)
+    ledger = ShardLedger(buf, n_tokens=1000, n_producers=2, max_gb=1.0, readers=["trial-a", "trial-b"])
+    for sid in range(3):
+        assert ledger.claim(0) == sid
+        write(buf, sid, 0, 4)
+        ledger.commit(0, sid, 4)
+    buf.write_reader_progress("trial-a", [], done=True)
+    buf.write_reader_progress("trial-b", [0, 1])  # failed hard: never recorded itself done
+    ledger.stop()
+    assert sorted(buf.dropped()) == [0, 1] and list(buf.committed()) == [2] and ledger.claim(0) is None
+
+
+def test_a_new_run_forgets_the_readers_it_does_not_register(tmp_path):
+    buf = make_buffer(tmp_path / "b")
+    buf.write_reader_progress("trial-old-plan", [0])  # a stack of an earlier sweep: would hold shards forever
+    buf.write_reader_progress("trial-a", [0, 1], done=True)  # finished before the driver died: stays done
+    buf.clear_reader_progress(keep=["trial-a", "trial-b"])
+    assert buf.reader_states() == {"trial-a": {"passed": {0, 1}, "done": True, "waiting": False, "seen": None}}

@@ -257,7 +257,9 @@ def test_a_corrupt_shard_in_a_sweep_is_one_line_or_skipped_and_counted(tmp_path,
     assert f"shard {damaged}" in err and "Traceback" not in err
 
     skip = cfg.model_copy(update={"buffer": cfg.buffer.model_copy(update={"on_corrupt": "skip"})})
-    result = run_sweep(skip)
+    with pytest.raises(SweepError, match="buffer.on_corrupt: 'fail' -> 'skip'"):
+        run_sweep(skip)  # the failed sweep is unfinished: a rerun resumes it, with the config it had
+    result = run_sweep(skip, fresh=True)
     (row,) = result.rows
     run = tracking.client_for(cfg.tracking_uri()).get_run(row["mlflow_run_id"])
     assert run.data.metrics["final/skipped_shards"] >= 1

@@ -35,6 +35,7 @@ def cache_config(tmp_path, model_dir, data, **changes):
         "buffer": {"n_tokens": 10_000_000, "shard_rows": 128, "chunk_rows": 32},
         "producers": {"count": 2, "num_cpus": 0.5},
         "sae": {"architectures": ["topk"], "expansion_factor": [2], "k": [4]},
+        "train": {},
     }
     for key, value in changes.items():
         raw[key] = {**raw[key], **value}
@@ -116,29 +117,36 @@ def test_run_cache_produces_shows_progress_and_reuses(tmp_path, tiny_model_facto
 
 
 def test_bounded_window_with_ray(tmp_path, tiny_model_factory, sample_texts, local_ray):
-    """Producers wait while the window is full and go on as the (fake) readers pass shards."""
+    """Producers wait while the window is full and go on as the (fake) reader of the one stack,
+    registered before it starts, passes shards; the shard of the held-out rows stays."""
     from sae_ray.actors.coordinator import coordinator_name
-    from sae_ray.preflight import preflight
+    from sae_ray.preflight import preflight, window_shards
     from sae_ray.sweep import start_production
 
     cfg = cache_config(tmp_path, tiny_model_factory("gpt2"), write_jsonl(tmp_path / "docs.jsonl", sample_texts),
-                       buffer={"max_gb": 1e-9, "shard_rows": 256}, producers={"count": 1, "num_cpus": 0.5})
-    cfg = cfg.with_absolute_paths()
+                       buffer={"max_gb": 1.0, "shard_rows": 64, "eval_fraction": 0.25},
+                       train={"eval_rows": 16}, producers={"count": 1, "num_cpus": 0.5})
+    plan = preflight(cfg.with_absolute_paths())
+    _, shard_bytes = window_shards(cfg, plan.hooks)
+    window = 5.5 * shard_bytes  # at least 6 shards: 1 for the held-out rows, 4 a reader mixes, 1 coming in
+    cfg = cfg.model_copy(update={"buffer": cfg.buffer.model_copy(update={"max_gb": window / 1e9})}).with_absolute_paths()
+    (reader,) = [s.reader_id for s in plan.stacks]
     refs = start_production(cfg, preflight(cfg), progress_every=None)
     coordinator = ray.get_actor(coordinator_name(cfg.buffer_path()))
     buf = ActivationBuffer.open(cfg.buffer_path())
-    assert buf.window_bytes() == 1
+    assert buf.window_bytes() == int(window)
     seen_live, deadline = [], time.monotonic() + 90
     while not ray.wait(refs, timeout=0.2)[0]:
         assert time.monotonic() < deadline
         live = buf.committed()
-        seen_live.append(len(live))
-        buf.write_reader_progress("trial-0", list(live) + list(buf.dropped()))  # the reader passes what is there
+        seen_live.append(buf.live_nbytes())
         status = ray.get(coordinator.status.remote())
-        assert status["live_shards"] <= 1
+        assert status["readers"] == [reader]
+        buf.write_reader_progress(reader, list(live) + list(buf.dropped()))  # the reader passes what is there
     ray.get(refs)
-    assert max(seen_live) <= 1  # a 1-byte window holds one shard at a time
-    assert buf.is_complete() and len(buf.committed()) <= 1 and len(buf.dropped()) >= 2
+    assert max(seen_live) <= window + shard_bytes  # a shard is claimed only while the live ones take less
+    pinned = buf.production()["pinned"]
+    assert buf.is_complete() and len(buf.dropped()) >= 2 and pinned and set(pinned) <= set(buf.committed())
     total = buf.n_rows() + sum(buf.dropped().values())
     assert committed_rows_by_rank(buf, 1) == [total] and total == sum(kept_tokens(cfg.model.name, sample_texts).values())
 

@@ -30,8 +30,10 @@ def coordinator_name(buffer_path: str) -> str:
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class BufferCoordinator:
-    def __init__(self, path: str, n_tokens: int, n_producers: int, max_gb: float | None = None, min_readers: int = 1):
-        self.ledger = ShardLedger(ActivationBuffer.open(path), n_tokens, n_producers, max_gb, min_readers)
+    def __init__(self, path: str, n_tokens: int, n_producers: int, max_gb: float | None = None, min_readers: int = 1,
+                 readers: tuple[str, ...] = (), eval_rows: int | None = None):
+        self.ledger = ShardLedger(ActivationBuffer.open(path), n_tokens, n_producers, max_gb, min_readers,
+                                  readers=readers, eval_rows=eval_rows)
 
     def producer_started(self, rank: int, pid: int | None = None) -> int:
         """A producer (re)starts: its dead attempt's claim is freed; returns the rows it already committed."""
@@ -50,22 +52,28 @@ class BufferCoordinator:
         self.ledger.producer_finished(rank)
 
     def stop(self) -> None:
-        """No more shards: producers finish after the one they are writing."""
+        """No more shards: producers finish after the one they are writing; with a window, what
+        every reader has passed is dropped now."""
         self.ledger.stop()
 
     def status(self) -> dict:
-        """Rows and shards committed, recent tokens/s, ETA to buffer.n_tokens, claims, producer pids, own pid."""
+        """Rows and shards committed, recent tokens/s, ETA to buffer.n_tokens, claims, producer pids, own pid;
+        with a window: live, dropped and pinned shards, registered readers, shards handed out over the window."""
         return {**self.ledger.status(), "pid": os.getpid()}
 
 
-def start_coordinator(path: str, n_tokens: int, n_producers: int, max_gb: float | None = None, min_readers: int = 1):
+def start_coordinator(path: str, n_tokens: int, n_producers: int, max_gb: float | None = None, min_readers: int = 1,
+                      readers: tuple[str, ...] = (), eval_rows: int | None = None):
     """Start the buffer's named coordinator. An earlier one of the same buffer in this Ray job
-    (a finished or failed run) is killed first: one buffer, one coordinator."""
+    (a finished or failed run) is killed first: one buffer, one coordinator. readers: the reader
+    ids a bounded window waits for (one per trial, registered before any starts); eval_rows: the
+    held-out rows each trial evaluates on (their shards are kept); see `ShardLedger`."""
     name = coordinator_name(path)
     deadline = time.monotonic() + 30
     while True:
         try:
-            return BufferCoordinator.options(name=name).remote(path, n_tokens, n_producers, max_gb, min_readers)
+            return BufferCoordinator.options(name=name).remote(path, n_tokens, n_producers, max_gb, min_readers,
+                                                               tuple(readers), eval_rows)
         except ValueError:  # the name is taken
             if time.monotonic() > deadline:
                 raise
@@ -79,7 +87,8 @@ def start_coordinator(path: str, n_tokens: int, n_producers: int, max_gb: float 
 def stop_production(path: str, timeout: float = 30) -> None:
     """Tell the buffer's coordinator to hand out no more shard ids: its producers finish after the
     shard they hold. For a sweep with a bounded window whose trials are done (nobody will pass
-    the shards still in the window). No coordinator running: nothing to do."""
+    the shards still in the window; those they all passed are dropped, the held-out ones kept).
+    No coordinator running: nothing to do."""
     try:
         coordinator = ray.get_actor(coordinator_name(path))
     except ValueError:

@@ -204,22 +204,34 @@ class CommitLog:
         fs, root = self._fs()
         return f"{root}/readers"
 
-    def write_reader_progress(self, reader_id: str, passed: Iterable[int], epoch: int = 0) -> None:
+    def write_reader_progress(self, reader_id: str, passed: Iterable[int], epoch: int = 0, done: bool = False,
+                              waiting: bool = False, seen: Iterable[int] | None = None) -> None:
         """Reader: record the shards it has passed (fully consumed) in ``epoch``, in
         ``<buffer>/readers/<reader_id>.json`` (atomically replaced on local paths; one PUT
-        on object stores). Never touches the group's attributes."""
+        on object stores). Never touches the group's attributes.
+
+        done: the reader reads no more (a bounded window stops waiting for it). waiting: it has
+        consumed everything it read and waits for a new shard; seen: every shard it has taken so
+        far (with ``waiting``: a shard committed since is one it has not seen)."""
         check_reader_id(reader_id, self.path)
-        data = json.dumps({"reader_id": reader_id, "epoch": int(epoch), "passed": sorted(int(s) for s in passed),
-                           "updated": time.time()}).encode()
+        record = {"reader_id": reader_id, "epoch": int(epoch), "passed": sorted(int(s) for s in passed),
+                  "done": bool(done), "waiting": bool(waiting), "updated": time.time()}
+        if seen is not None:
+            record["seen"] = sorted(int(s) for s in seen)
         fs, _ = self._fs()
         target = f"{self._progress_dir()}/{reader_id}.json"
         if is_local(self.path):
-            write_atomically(target, data)
+            write_atomically(target, json.dumps(record).encode())
         else:
-            fs.pipe_file(target, data)
+            fs.pipe_file(target, json.dumps(record).encode())
 
     def reader_progress(self) -> dict[str, set[int]]:
         """{reader_id: shards it has passed in its current epoch}, from ``<buffer>/readers/*.json``."""
+        return {rid: state["passed"] for rid, state in self.reader_states().items()}
+
+    def reader_states(self) -> dict[str, dict[str, Any]]:
+        """{reader_id: {"passed": set, "done": bool, "waiting": bool, "seen": set | None}}: what each
+        reader last recorded (``write_reader_progress``); an unreadable file is skipped with a warning."""
         fs, _ = self._fs()
         folder = self._progress_dir()
         fs.invalidate_cache(folder)
@@ -231,9 +243,30 @@ class CommitLog:
         for p in sorted(names):
             try:
                 record = json.loads(fs.cat_file(p))
-                out[str(record["reader_id"])] = {int(s) for s in record["passed"]}
+                seen = record.get("seen")
+                out[str(record["reader_id"])] = {
+                    "passed": {int(s) for s in record["passed"]}, "done": bool(record.get("done", False)),
+                    "waiting": bool(record.get("waiting", False)), "seen": None if seen is None else {int(s) for s in seen}}
             except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
                 warnings.warn(f"buffer at {self.path!r}: ignoring unreadable reader progress file {p} ({type(e).__name__}: {e})",
                               RuntimeWarning, stacklevel=2)
         return out
 
+    def clear_reader_progress(self, keep: Iterable[str] = ()) -> None:
+        """Coordinator only: forget the progress of every reader not in ``keep`` (a new production
+        run: a reader of an earlier one that will not read again would otherwise hold shards forever)."""
+        keep = {f"{r}.json" for r in keep}
+        fs, _ = self._fs()
+        folder = self._progress_dir()
+        fs.invalidate_cache(folder)
+        try:
+            names = [p for p in fs.ls(folder, detail=False) if p.endswith(".json")]
+        except FileNotFoundError:
+            return
+        for p in names:
+            if p.rsplit("/", 1)[-1] in keep:
+                continue
+            try:
+                fs.rm(p)
+            except FileNotFoundError:
+                pass

@@ -34,6 +34,8 @@ from .split import SPLITS, eval_fraction, split_mask
 from .store import ActivationBuffer
 
 STATE_VERSION = 1
+SHARDS_IN_MIX = 4
+"""Shards a reader mixes at a time by default (what a trial uses)."""
 ON_CORRUPT = ("fail", "skip")
 # state keys that must match the reader's own settings: another value gives another stream
 _SETTINGS = ("hook", "batch_size", "seed", "shards_in_mix", "split")
@@ -56,6 +58,16 @@ class _Mix:
     passed: list[int]
     rows_skipped: int
     shards_skipped: int
+
+
+class _Demand:
+    """What the consumer side tells the mixing side: whether it is blocked asking for the next
+    mix (``asking``), and how far it has received (``received``: the ``mix`` of its last
+    mix's ``after``). A reader waits for a shard with nothing left to give only when both say so."""
+
+    def __init__(self, received: int):
+        self.asking = threading.Event()
+        self.received = received
 
 
 @dataclass
@@ -88,10 +100,12 @@ class BufferReader:
     ValueError). ``prefetch``: mixes read ahead by a background thread (0: none).
     ``reader_id``: if set, after each mix the shards fully consumed in the current epoch
     are written to ``<buffer>/readers/<reader_id>.json`` (what the coordinator of a
-    bounded window waits for). ``state``: a ``state_dict()`` to resume
-    from. ``rows_read`` counts rows yielded, ``rows_skipped`` rows lost to damaged or
-    dropped shards, ``shards_skipped`` the shards they were in, ``epoch`` is the epoch of
-    the last batch yielded.
+    bounded window waits for; shards whose rows are still carried into the next mix are not
+    passed yet); so is waiting for a new shard with everything read consumed ("waiting"),
+    and ``close()`` records the reader done (the window stops waiting for it). ``state``: a
+    ``state_dict()`` to resume from. ``rows_read`` counts rows yielded, ``rows_skipped``
+    rows lost to damaged or dropped shards, ``shards_skipped`` the shards they were in,
+    ``epoch`` is the epoch of the last batch yielded.
 
     Memory: about ``(prefetch + 2) * shards_in_mix * shard_rows * d_in`` stored values.
     """
@@ -102,7 +116,7 @@ class BufferReader:
         hook: str,
         batch_size: int,
         seed: int = 0,
-        shards_in_mix: int = 4,
+        shards_in_mix: int = SHARDS_IN_MIX,
         poll_seconds: float = 0.5,
         timeout_seconds: float = 600.0,
         on_corrupt: str = "fail",
@@ -176,7 +190,7 @@ class BufferReader:
         missing = [k for k in _fresh_position() if k not in state and k not in _OPTIONAL]
         if missing:
             raise ValueError(f"{where}: state lacks {missing}; pass a dict from state_dict()")
-        self.close()
+        self._stop()
         self._start = {**_fresh_position(), **{k: state[k] for k in _fresh_position() if k in state}}
         self._pos = self._start
         self._start_rows_read = self.rows_read = int(state.get("rows_read", 0))
@@ -189,7 +203,7 @@ class BufferReader:
     def __iter__(self) -> Iterator[torch.Tensor]:
         """Yields [batch_size, d_in] float32 tensors from the start (or the loaded state).
         One iterator at a time: a new one stops the previous one."""
-        self.close()
+        self._stop()
         start = self._start
         self._pos = start
         self.rows_read = self._start_rows_read
@@ -201,7 +215,15 @@ class BufferReader:
         return it
 
     def close(self) -> None:
-        """Stop the current iterator and its background thread (also done when it is garbage collected)."""
+        """Stop the current iterator and its background thread (also done when it is garbage
+        collected), and with a ``reader_id`` record that this reader reads no more: a bounded
+        window no longer waits for it (a later ``iter()`` registers it again, but shards dropped
+        meanwhile are gone)."""
+        self._stop()
+        self._record_progress(_passed(self._pos), int(self._pos["epoch"]), done=True)
+
+    def _stop(self) -> None:
+        """Stop the current iterator and its background thread."""
         it = self._current() if self._current is not None else None
         self._current = None
         if it is not None:
@@ -209,8 +231,11 @@ class BufferReader:
 
     def _batches(self, start: dict) -> Iterator[torch.Tensor]:
         """Consumer side: unpacks mixes, keeps the position in step with what it yields."""
+        # registers (again) before reading: a done left by an earlier run of this reader no longer holds
+        self._record_progress(_passed(start), int(start["epoch"]))
         stop = threading.Event()
-        source = self._mixes(start, stop)
+        demand = _Demand(int(start["mix"]))
+        source = self._mixes(start, stop, demand)
         prefetcher = None
         if self.prefetch:
             prefetcher = Prefetcher(source, self.prefetch, stop)
@@ -218,11 +243,19 @@ class BufferReader:
         else:
             items = source
         try:
-            for item in items:
+            while True:
+                demand.asking.set()
+                try:
+                    item = next(items)
+                except StopIteration:
+                    return
+                finally:
+                    demand.asking.clear()
                 if isinstance(item, _End):
                     self._pos = item.after
                     self._record_progress(item.passed, item.after["epoch"])
                     return
+                demand.received = int(item.after["mix"])
                 self.rows_skipped, self.shards_skipped = item.rows_skipped, item.shards_skipped
                 n = len(item.batches)
                 for j, batch in enumerate(item.batches):
@@ -244,11 +277,12 @@ class BufferReader:
             else:
                 source.close()
 
-    def _record_progress(self, passed: list[int], epoch: int) -> None:
+    def _record_progress(self, passed: list[int], epoch: int, done: bool = False, waiting: bool = False,
+                         seen: set[int] | None = None) -> None:
         if self.reader_id is None:
             return
         try:
-            self.buffer.write_reader_progress(self.reader_id, passed, epoch)
+            self.buffer.write_reader_progress(self.reader_id, passed, epoch, done=done, waiting=waiting, seen=seen)
         except OSError as e:  # the next mix writes it again
             warnings.warn(f"buffer at {self.buffer.path!r}: could not write progress of reader {self.reader_id!r} "
                           f"({type(e).__name__}: {e}); will retry after the next mix", RuntimeWarning, stacklevel=2)
@@ -294,7 +328,7 @@ class BufferReader:
             out[torch.from_numpy(mask)] = rows[torch.from_numpy(ids[mask, 1])]
         return out[torch.from_numpy(keep)], ids[keep]
 
-    def _mixes(self, start: dict, stop: threading.Event) -> Iterator[_Mix | _End]:
+    def _mixes(self, start: dict, stop: threading.Event, demand: _Demand) -> Iterator[_Mix | _End]:
         """Producer side: from position ``start``, every mix in turn (see ``_Mix``)."""
         if start.get("finished"):
             yield _End(after=start, passed=[int(s) for s in start["seen"]])
@@ -307,6 +341,7 @@ class BufferReader:
         mix = [int(s) for s in start["mix_shards"]]
         done = int(start["batches_done"])
         waiting_since: float | None = None
+        announced = False  # this wait is recorded in the progress file
         # whether this epoch, read from its start, has given any row (an epoch of only skipped shards raises)
         epoch_rows: int | None = 0 if (m == 0 and not carry_ids.size and not mix) else None
 
@@ -338,16 +373,21 @@ class BufferReader:
                             epoch, m, seen, epoch_rows = epoch + 1, 0, set(), 0
                             continue
                         waiting_since = waiting_since or time.monotonic()
+                        if not announced and demand.asking.is_set() and demand.received == m:
+                            # everything read is consumed: only a new shard helps (a full window's coordinator looks for this)
+                            carried = set(carry_ids[:, 0].tolist())
+                            self._record_progress(sorted(seen - carried), epoch, waiting=True, seen=seen)
+                            announced = self.reader_id is not None
                         if time.monotonic() - waiting_since > self.timeout_seconds:
                             raise TimeoutError(
                                 f"no new shard committed to buffer at {self.buffer.path!r} in {self.timeout_seconds} s "
                                 f"({len(state.committed)} committed shards, all read; buffer not marked complete). "
-                                "Are the producers running?"
+                                + (self._window_note(state) or "Are the producers running?")
                             )
                         if stop.wait(self.poll_seconds):
                             return
                         continue
-                waiting_since = None
+                waiting_since, announced = None, False
                 mix, pool = pool[: self.shards_in_mix], pool[self.shards_in_mix :]
 
             before = {"epoch": epoch, "mix": m, "pool": list(pool), "seen": sorted(seen), "mix_shards": list(mix),
@@ -377,6 +417,24 @@ class BufferReader:
                        shards_skipped=skips.shards)
             mix, m = [], m + 1
 
+    def _window_note(self, state) -> str:
+        """Why a full bounded window gets no new shard: the readers it waits for ("" when it is not full)."""
+        if state.window_bytes is None:
+            return ""
+        live = self.buffer.live_nbytes()
+        if live < state.window_bytes:
+            return ""
+        states = self.buffer.reader_states()
+        not_started = [r for r in self.buffer.production().get("readers", []) if r not in states]
+        behind = [r for r, st in states.items()
+                  if r != self.reader_id and not st["done"] and not set(state.committed) <= st["passed"]]
+        return (f"The bounded window is full ({live:,} of {state.window_bytes:,} bytes, buffer.max_gb) and a shard is "
+                f"dropped only once every reader has passed it; readers not started: {not_started or 'none'}; readers "
+                f"that have not passed every live shard: {behind or 'none'}. A trial that has not started holds every "
+                "shard, so with more stacks than can run at once each trial must finish within the window: raise "
+                "buffer.max_gb, lower train.total_tokens, or let every stack run at once (resources.max_concurrent_trials, "
+                "CPUs per trial)")
+
 
 @dataclass
 class _Skips:
@@ -388,6 +446,13 @@ class _Skips:
     def add(self, rows: int) -> None:
         self.rows += rows
         self.shards += 1
+
+
+def _passed(pos: dict) -> list[int]:
+    """The shards a reader at position ``pos`` has passed in its epoch: seen, and neither in its
+    pool, nor in the mix it is in, nor carried."""
+    held = {*pos["pool"], *pos["mix_shards"], *(s for s, _ in pos["carry"])}
+    return [int(s) for s in pos["seen"] if pos.get("finished") or s not in held]
 
 
 def _fresh_position() -> dict[str, Any]:

@@ -72,6 +72,7 @@ class SweepConfig(Section):
     l1_coefficient: list[float] | None = Field(None, description="L1 sparsity coefficients (standard, gated).")
     l0_coefficient: list[float] | None = Field(None, description="L0 sparsity coefficients (jumprelu).")
     k: list[int] | None = Field(None, description="Active latents per token (topk, batchtopk, matryoshka).")
+    target_l0: list[int] | None = Field(None, description="A target-L0 ladder, the sparsity axis for every architecture that is not given its own coefficient or k list: TopK, BatchTopK and Matryoshka train with k = target; ReLU+L1, Gated and JumpReLU adapt their coefficient during training (train.l0_control) so the final L0 lands near the target.")
     max_stack: int = Field(8, gt=0, description="Most SAEs of one architecture and shape trained together in one trial (a stack; 1 = one SAE per trial). A stack reads each batch once; it is one trial with resources.cpus_per_trial, so on CPU smaller stacks spread SAEs over more cores. The README's benchmark section has the measured speed (sae-ray bench train).")
     extra: dict[str, dict[str, Any]] = Field({}, description="Architecture knobs by architecture, kept in each SAE's cfg.extra, e.g. {jumprelu: {bandwidth: 0.05}, topk: {k_aux: 256}}; each architecture's `knobs` lists what it reads.")
 
@@ -92,6 +93,13 @@ class MonitorConfig(Section):
             raise ValueError(f"warn_l0_fraction {self.warn_l0_fraction!r} > max_l0_fraction {self.max_l0_fraction!r}: "
                              "the warning level must be at or below the stop level")
         return self
+
+
+class L0ControlConfig(Section):
+    """The L0 controller of target-L0 runs (`sae_ray.train.target`): each step, log λ += gain * clip(log(L0 / target), -1, 1)."""
+
+    gain: float = Field(0.03, gt=0, le=1, description="Step size in log λ per optimizer step at an L0 e times off target (our choice: λ can change by e^3 in 100 steps, enough for runs of a few hundred steps; on the synthetic problem of the tests 0.05 overshot JumpReLU's L0 by half and landed 16% low, 0.03 landed within 5%).")
+    freeze_fraction: float = Field(0.1, ge=0, lt=1, description="Share of the run, at its end, with λ frozen: the SAE settles under a fixed objective while the lr decays (our choice: with 0.2 JumpReLU's L0 drifted 25% under target after the freeze on the synthetic problem of the tests; 0.1 kept every architecture within 10%).")
 
 
 class TrainConfig(Section):
@@ -118,7 +126,10 @@ class TrainConfig(Section):
     device: Device = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
     keep_freed_memory: bool = Field(True, description="On CPU (Linux, glibc) a trial keeps the memory it frees for the next step instead of handing it back to the kernel, which zeroes it again every step (sae_ray.train.memory). The trial keeps its peak memory until it ends; the README's benchmark section has what it gains (sae-ray bench train).")
     wait_for_buffer: bool = Field(False, description="Wait for the whole buffer before training (default: start as soon as a shard is committed).")
+    checkpoint_every: int | None = Field(None, gt=0, description="Tokens between checkpoints of a trial (every member's weights, Adam's state, the reader's position, the monitor and the L0 controller); a trial whose worker dies, or a sweep whose driver was killed, goes on from the last one. None: every fifth of train.total_tokens.")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept per trial (Tune's CheckpointConfig.num_to_keep); older ones are deleted.")
     monitor: MonitorConfig = MonitorConfig()
+    l0_control: L0ControlConfig = L0ControlConfig()
 
 
 class TrackingConfig(Section):
@@ -132,6 +143,40 @@ class ResourcesConfig(Section):
     cpus_per_trial: Annotated[float, AfterValidator(ray_cpus)] = Field(1, gt=0, description="CPUs each Tune trial takes.")
     gpus_per_trial: Annotated[float, AfterValidator(ray_gpus)] = Field(0, ge=0, description="GPU share each Tune trial takes (a share below 1, or whole GPUs).")
     max_concurrent_trials: int | None = Field(None, gt=0, description="Cap on trials running at once (None: as resources allow).")
+    max_failures: int = Field(2, ge=0, description="Times Tune restarts a trial whose worker died or raised; it goes on from its last checkpoint (train.checkpoint_every) with the same MLflow runs. Tune's FailureConfig.max_failures.")
+
+
+SPACE_KEYS = ("lr", "l1_coefficient", "l0_coefficient", "k", "target_l0")
+"""What `sweep.space` may draw: train.lr, one of the grid's sparsity knobs, or the target L0."""
+INTEGER_KEYS = ("k", "target_l0")
+"""Space keys drawn as whole numbers (both ends of their range included)."""
+Metric = Literal["fvu", "l0", "loss", "mse", "dead_fraction"]
+REPORTED_METRICS: tuple[str, ...] = Metric.__args__
+"""The flat scalars a trial reports at every log step besides `tokens` (each the mean over the
+stack's members, `sae_ray.sweep.search.report_scalars`): what `sweep.metric` may name."""
+
+
+class Range(Section):
+    """A range `sweep.space` draws one value from per trial: uniform, or log-uniform with `log`."""
+
+    low: float = Field(gt=0, description="Smallest value (every knob that may be drawn is positive); a whole number for k and target_l0.")
+    high: float = Field(gt=0, description="Largest value, above low (included for k and target_l0, which are drawn as whole numbers).")
+    log: bool = Field(False, description="Draw log-uniformly: right for lr and sparsity coefficients, which act by factors.")
+
+
+class SearchConfig(Section):
+    """How Ray Tune picks and schedules trials: the grid alone, or random / Optuna draws from
+    `space` for every stack of the grid; FIFO (every trial runs to the end) or ASHA (trials that
+    trail at equal tokens are stopped). `sae_ray.sweep.search` turns it into Tune's objects."""
+
+    search: Literal["grid", "random", "optuna"] = Field("grid", description="'grid': each stack of the grid once, nothing drawn; 'random': Tune's random search, fresh draws from space for every trial; 'optuna': Optuna's TPE (needs the optuna package: pip install 'sae-ray[search]') chooses the stack and the draws from the results so far.")
+    num_samples: int = Field(1, ge=1, description="'random': trials per stack of the grid, each with its own draws (stacks x num_samples trials); 'optuna': the total number of trials (Optuna picks each one's stack, so a stack may get none); 'grid': must be 1 (a repeat would train the same SAEs again).")
+    space: dict[str, Range] = Field({}, description="The ranges drawn from, by name: lr (train.lr), k, l1_coefficient, l0_coefficient (every SAE of a stack set by that knob takes the drawn value; the grid then gives the knob one placeholder value) or target_l0, e.g. {lr: {low: 1e-4, high: 1e-3, log: true}}. Needs search random or optuna.")
+    scheduler: Literal["fifo", "asha"] = Field("fifo", description="'fifo': every trial trains to train.total_tokens; 'asha': Async Successive Halving stops trials whose metric trails the others' at equal tokens (rungs at grace_fraction x total_tokens x reduction_factor^n).")
+    metric: Metric = Field("fvu", description="The figure ASHA and Optuna rank trials by: the mean over a stack's SAEs at each log step (held-out figures in the trial's last report). fvu is fair between trials whose stacks hold the same L0 ladder (one sae.k or sae.target_l0 list); with sparsity coefficients the denser SAE wins (sae_ray.sweep.search explains).")
+    mode: Literal["min", "max"] = Field("min", description="Whether a lower ('min': fvu, mse, loss) or higher metric is better.")
+    grace_fraction: float = Field(0.1, gt=0, lt=1, description="ASHA: share of train.total_tokens a trial trains before it may be stopped (its first rung). 0.1 is our choice: past the sparsity warmup (train.sparsity_warmup_fraction, 0.05), as long as the monitor's warmup (train.monitor.warmup_fraction), since before it the penalty is not at full strength.")
+    reduction_factor: float = Field(4, gt=1, description="ASHA: at each rung only the best 1/reduction_factor of the trials that reached it go on, and rungs are this factor apart in tokens (4: Ray's default).")
 
 
 class RunConfig(Section):
@@ -146,6 +191,7 @@ class RunConfig(Section):
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
     resources: ResourcesConfig = ResourcesConfig()
+    sweep: SearchConfig = SearchConfig()
 
     # -- resolved paths ---------------------------------------------------------------
     def workdir_path(self) -> Path:
@@ -193,7 +239,7 @@ def rule_problems(sections: dict[str, BaseModel]) -> list[str]:
             problems.append(
                 f"sae: expansion_factor={sweep.expansion_factor!r}, d_sae={sweep.d_sae!r}: give exactly one of them (a list of widths)"
             )
-        for field in ("expansion_factor", "d_sae", "k"):
+        for field in ("expansion_factor", "d_sae", "k", "target_l0"):
             values = getattr(sweep, field)
             if values is not None and (not values or any(v <= 0 for v in values)):
                 problems.append(f"sae.{field}: value {values!r}: must be a non-empty list of positive integers")
@@ -204,9 +250,19 @@ def rule_problems(sections: dict[str, BaseModel]) -> list[str]:
             param = ARCHITECTURES[arch].sparsity_param
             values = getattr(sweep, param)
             is_coefficient = param != "k"
-            if not values:
+            if sweep.target_l0 and values is not None:
+                problems.append(f"sae.target_l0: value {bounded_repr(sweep.target_l0)}: given together with sae.{param} "
+                                f"{bounded_repr(values)}, which also sets the sparsity of {arch!r}; give one of them "
+                                f"(target_l0 sets {'k = target' if param == 'k' else 'the coefficient during training'})")
+            elif sweep.target_l0:
+                too_big = [t for t in sweep.target_l0 if sweep.d_sae and t >= min(sweep.d_sae)]
+                if too_big:
+                    problems.append(f"sae.target_l0: value {too_big!r}: a target L0 must be < d_sae "
+                                    f"(smallest d_sae is {min(sweep.d_sae)})")
+            elif not values:
                 problems.append(
-                    f"sae.{param}: value {values!r}: architecture {arch!r} needs a non-empty list of {param} values"
+                    f"sae.{param}: value {values!r}: architecture {arch!r} needs a non-empty list of {param} values, "
+                    "or a target-L0 ladder in sae.target_l0"
                     + (" (> 0; without a sparsity penalty it learns dense, useless features)" if is_coefficient else "")
                 )
             elif is_coefficient and any(v <= 0 for v in values):
@@ -236,11 +292,16 @@ def rule_problems(sections: dict[str, BaseModel]) -> list[str]:
         problems.append(f"buffer.chunk_rows: value {buf.chunk_rows}: must divide buffer.shard_rows ({buf.shard_rows})")
     train: TrainConfig | None = sections.get("train")  # type: ignore[assignment]
     buf, train = buf or BufferConfig(), train or TrainConfig()
+    if train.checkpoint_every is not None and train.checkpoint_every > train.total_tokens:
+        problems.append(f"train.checkpoint_every: value {train.checkpoint_every:,}: larger than train.total_tokens "
+                        f"{train.total_tokens:,}, so no checkpoint would be written; give at most total_tokens, or "
+                        "leave it unset (a fifth of total_tokens)")
     if buf.n_tokens * buf.eval_fraction < train.eval_rows:
         problems.append(f"buffer.eval_fraction: value {buf.eval_fraction}: holds out about "
                         f"{buf.n_tokens * buf.eval_fraction:,.0f} of buffer.n_tokens {buf.n_tokens:,} rows, fewer than "
                         f"train.eval_rows {train.eval_rows:,}: raise buffer.eval_fraction or n_tokens, or lower train.eval_rows")
     problems += _duplicates_and_devices(sections)
+    problems += search_problems(sections)
     return problems
 
 
@@ -249,7 +310,7 @@ def _duplicates_and_devices(sections: dict[str, Any]) -> list[str]:
     problems: list[str] = []
     sweep: SweepConfig | None = sections.get("sae")
     if sweep is not None:
-        for field in ("architectures", "expansion_factor", "d_sae", "k", "l1_coefficient", "l0_coefficient"):
+        for field in ("architectures", "expansion_factor", "d_sae", "k", "l1_coefficient", "l0_coefficient", "target_l0"):
             values = getattr(sweep, field) or []
             twice = sorted({v for v in values if values.count(v) > 1}, key=str)
             if twice:
@@ -275,3 +336,158 @@ def _duplicates_and_devices(sections: dict[str, Any]) -> list[str]:
     return problems
 
 
+
+
+# ---------------------------------------------------------------------------------------
+# Rules of the `sweep` section (search, scheduler, space) and the sparsity grid it draws into
+# ---------------------------------------------------------------------------------------
+
+_KNOBS = ("k", "l1_coefficient", "l0_coefficient")  # the sparsity knobs of SweepConfig a space may draw
+
+
+def _range_text(r: Range) -> str:
+    return f"{{low: {r.low:g}, high: {r.high:g}{', log: true' if r.log else ''}}}"
+
+
+def search_problems(sections: dict[str, Any]) -> list[str]:
+    """The rules of `sweep` (a SearchConfig), with `sae` (SweepConfig) where it validated: known
+    space keys; low < high, whole numbers for k and target_l0, k below the smallest sae.d_sae;
+    ranges only with random/optuna and random/optuna only with ranges; no repeats of a grid; no
+    bounded window (buffer.max_gb) with more or fewer than one trial per stack, or with ASHA; a
+    drawn knob some architecture uses, with one grid value (the placeholder the draw replaces);
+    no architecture left with nothing drawn while num_samples repeats it."""
+    from sae_ray.sae import ARCHITECTURES
+
+    search: SearchConfig | None = sections.get("sweep")
+    if search is None:
+        return []
+    problems: list[str] = []
+    space = search.space
+    for key, r in space.items():
+        if key not in SPACE_KEYS:
+            problems.append(f"sweep.space: key {key!r}: unknown; accepted: {list(SPACE_KEYS)}")
+            continue
+        if r.low >= r.high:
+            problems.append(f"sweep.space.{key}: value {_range_text(r)}: low must be below high "
+                            f"(one value is not a range: put it in the grid instead)")
+        if key in INTEGER_KEYS and not (r.low.is_integer() and r.high.is_integer()):
+            problems.append(f"sweep.space.{key}: value {_range_text(r)}: {key} is drawn as a whole number; "
+                            "give whole-number low and high")
+    drawn = [key for key in space if key in SPACE_KEYS]
+    if search.search == "grid" and space:
+        problems.append(f"sweep.space: keys {list(space)}: search 'grid' draws nothing; set sweep.search to "
+                        "'random' or 'optuna', or put the values in the grid (train.lr, sae.k, ...)")
+    if search.search != "grid" and not space:
+        problems.append(f"sweep.search: value {search.search!r}: draws from sweep.space, which is empty; give at "
+                        "least one range, e.g. space: {lr: {low: 1e-4, high: 1e-3, log: true}}, or use search 'grid'")
+    if search.search == "grid" and search.num_samples > 1:
+        problems.append(f"sweep.num_samples: value {search.num_samples}: with search 'grid' every trial is fixed by the "
+                        "grid, so a repeat trains the same SAEs again (same seed); use 1, or search 'random'/'optuna' "
+                        "with a sweep.space")
+
+    buf: BufferConfig | None = sections.get("buffer")
+    if buf is not None and buf.max_gb is not None:
+        # the window registers one reader per stack before the trials start, and drops a shard
+        # once every reader has passed it
+        if search.search == "optuna" or (search.search == "random" and search.num_samples > 1):
+            problems.append(f"sweep.search: value {search.search!r}: with buffer.max_gb (a bounded window) every stack "
+                            "is read by exactly one trial, registered before the trials start; "
+                            + ("Optuna chooses each trial's stack as it goes" if search.search == "optuna" else
+                               f"num_samples={search.num_samples} trials per stack would read it more than once")
+                            + ": leave buffer.max_gb unset (the buffer is kept whole), or use search 'grid'")
+        if search.scheduler == "asha":
+            problems.append("sweep.scheduler: value 'asha': with buffer.max_gb (a bounded window) a trial ASHA stops "
+                            "stops reading, and the window waits for it forever; leave buffer.max_gb unset, or use "
+                            "scheduler 'fifo'")
+    sweep: SweepConfig | None = sections.get("sae")
+    if sweep is None or search.search == "grid":
+        return problems
+    known = [a for a in sweep.architectures if a in ARCHITECTURES]
+    targets = getattr(sweep, "target_l0", None)
+
+    def own_list(arch: str) -> bool:
+        """Whether `arch` is set by its own knob list (else it takes sae.target_l0)."""
+        return bool(getattr(sweep, ARCHITECTURES[arch].sparsity_param))
+
+    for key in drawn:
+        if key in _KNOBS:
+            users = [a for a in known if ARCHITECTURES[a].sparsity_param == key and own_list(a)]
+            values = getattr(sweep, key) or []
+            if not users:
+                setters = sorted(a for a, cls in ARCHITECTURES.items() if cls.sparsity_param == key)
+                problems.append(f"sweep.space.{key}: value {_range_text(space[key])}: no architecture of "
+                                f"sae.architectures {sweep.architectures!r} is set by sae.{key} (accepted for: {setters}, "
+                                f"given a sae.{key} list; one that takes sae.target_l0 draws through space.target_l0)")
+            elif len(values) > 1:
+                problems.append(f"sweep.space.{key}: value {_range_text(space[key])}: sae.{key} lists {values!r}, one SAE "
+                                f"of a stack each, and a drawn {key} would give them all the same value; give sae.{key} "
+                                "one value (the placeholder the draw replaces)")
+            if key == "k" and sweep.d_sae and space[key].high >= min(sweep.d_sae):
+                problems.append(f"sweep.space.k: value {_range_text(space[key])}: k must stay below d_sae "
+                                f"(smallest sae.d_sae is {min(sweep.d_sae)}); lower high")
+        elif key == "target_l0":
+            if not targets:
+                problems.append(f"sweep.space.target_l0: value {_range_text(space[key])}: sae.target_l0 is not set, so no "
+                                "SAE has a target to draw; give sae.target_l0 one value (the placeholder the draw replaces)")
+            elif len(targets) > 1:
+                problems.append(f"sweep.space.target_l0: value {_range_text(space[key])}: sae.target_l0 lists {targets!r}, "
+                                "one SAE of a stack each, and a drawn target would give them all the same one; give "
+                                "sae.target_l0 one value (the placeholder the draw replaces)")
+            if sweep.d_sae and space[key].high >= min(sweep.d_sae):
+                problems.append(f"sweep.space.target_l0: value {_range_text(space[key])}: a target L0 must stay below "
+                                f"d_sae (smallest sae.d_sae is {min(sweep.d_sae)}); lower high")
+    if search.num_samples > 1 and "lr" not in drawn:
+        for arch in known:
+            param = ARCHITECTURES[arch].sparsity_param
+            axis = param if own_list(arch) or not targets else "target_l0"
+            if axis not in drawn:
+                problems.append(f"sweep.space: keys {list(space)}: nothing drawn sets architecture {arch!r} (its sparsity "
+                                f"is set by sae.{axis}), so its stacks would train sweep.num_samples={search.num_samples} "
+                                f"times unchanged; add lr or {axis} to sweep.space, or drop {arch!r}")
+    return problems
+
+
+def search_warnings(cfg: RunConfig) -> list[str]:
+    """What a valid `sweep` section may still get wrong: ASHA and Optuna rank trials by one metric,
+    which is fair only between trials that differ in what is drawn and hold the same L0 ladder
+    (`sae_ray.sweep.search` explains). One line per warning, "field: value X: why"."""
+    from sae_ray.sae import ARCHITECTURES
+
+    s, sweep = cfg.sweep, cfg.sae
+    ranks = s.scheduler == "asha" or s.search == "optuna"
+    if not ranks:
+        return []
+    warnings: list[str] = []
+    who = "sweep.scheduler 'asha'" if s.scheduler == "asha" else "sweep.search 'optuna'"
+    reconstruction = s.metric in ("fvu", "mse", "loss")
+    # an architecture given its own coefficient list is set by it (sae.target_l0 covers the others)
+    coefficient_archs = [a for a in sweep.architectures if a in ARCHITECTURES
+                         and ARCHITECTURES[a].sparsity_param != "k" and getattr(sweep, ARCHITECTURES[a].sparsity_param)]
+    if reconstruction and coefficient_archs:
+        warnings.append(f"sweep.metric: value {s.metric!r}: {who} ranks trials by it, but {coefficient_archs} set "
+                        "sparsity by a coefficient, so their L0 differs between trials and the denser SAE wins; "
+                        "give sae.target_l0 (a ladder every stack shares) or rank by another metric")
+    for key in ("k", "target_l0"):
+        if key in s.space and reconstruction:
+            warnings.append(f"sweep.space.{key}: value {_range_text(s.space[key])}: {who} ranks trials by "
+                            f"{s.metric}, which falls as L0 grows: the draw with the largest {key} wins")
+    if s.scheduler == "asha":
+        widths = sweep.expansion_factor or sweep.d_sae or []
+        groups = len(cfg.hooks) * len(sweep.architectures) * len(widths)
+        if groups > 1:
+            warnings.append(f"sweep.scheduler: value 'asha': the grid has {groups} stacks of different hook, "
+                            "architecture or width, and ASHA ranks them all together: it stops the ones whose "
+                            "metric is worse by nature (narrower, harder hook) rather than by their draws; "
+                            "sweep one hook, architecture and width per run with ASHA")
+        ladder = [getattr(sweep, p) or [] for p in ("k", "l1_coefficient", "l0_coefficient", "target_l0")
+                  if hasattr(sweep, p)]
+        if any(len(v) > sweep.max_stack for v in ladder):
+            warnings.append(f"sae.max_stack: value {sweep.max_stack}: a sparsity list longer than it is split over "
+                            "stacks holding different values, which ASHA then ranks against each other")
+        if s.grace_fraction < cfg.train.sparsity_warmup_fraction:
+            warnings.append(f"sweep.grace_fraction: value {s.grace_fraction:g}: below train.sparsity_warmup_fraction "
+                            f"({cfg.train.sparsity_warmup_fraction:g}): ASHA may stop trials before their sparsity "
+                            "penalty is at full strength")
+    if s.mode == "max" and s.metric in ("fvu", "mse", "loss", "dead_fraction"):
+        warnings.append(f"sweep.mode: value 'max': {s.metric} is better when lower; use 'min'")
+    return warnings

@@ -69,6 +69,9 @@ class SAE(nn.Module):
     adam_betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
     """Adam betas the training loop uses for this architecture unless told otherwise."""
     knobs: ClassVar[tuple[str, ...]] = ("decoder_init_norm",)
+    target_start: ClassVar[float] = 1.0
+    """Coefficient architectures: the λ a target-L0 run starts from; the L0 controller
+    (`sae_ray.train.target`) moves it during training."""
     """The cfg.extra keys this architecture reads (a sweep's `sae.extra` may set only these)."""
     saved_architecture: ClassVar[str | None] = None
     """The architecture cfg.json names for SAELens when it is not `architecture`
@@ -134,6 +137,16 @@ class SAE(nn.Module):
         else:
             dtype = dtype or torch.promote_types(self.W_dec.dtype, torch.float32)
             self.register_buffer(name, torch.tensor(values, dtype=dtype), persistent=False)
+
+    def set_coefficients(self, values: list[float]) -> None:
+        """Set each member's sparsity coefficient (the `sparsity_param`, not k), in the module and
+        in its config, so that stacking, unstacking and saving keep it (the L0 controller does)."""
+        for cfg, v in zip(self.cfgs, values):
+            setattr(cfg, self.sparsity_param, float(v))
+        if self.n_stack is None:
+            setattr(self, self.sparsity_param, float(values[0]))
+        else:
+            getattr(self, self.sparsity_param).copy_(torch.tensor(values))
 
     def per_row(self, value: float | Tensor) -> float | Tensor:
         """A per-member value shaped to broadcast against [B, n] ([K, B, n] for a stack)."""

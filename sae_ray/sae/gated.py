@@ -35,6 +35,7 @@ class GatedSAE(SAE):
 
     architecture = "gated"
     sparsity_param = "l1_coefficient"
+    target_start = 5.0  # the standard SAE's start: the same decoder-norm-weighted L1 form
     unit_norm_decoder = True
     adam_betas = (0.0, 0.999)
 

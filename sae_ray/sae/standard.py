@@ -25,6 +25,7 @@ class StandardSAE(SAE):
 
     architecture = "standard"
     sparsity_param = "l1_coefficient"
+    target_start = 5.0  # λ = 5 of the Anthropic April 2024 update, whose inputs are scaled as ours (E||x||^2 = d_in)
     decoder_init_norm = 0.1
 
     @classmethod

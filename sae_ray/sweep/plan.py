@@ -1,7 +1,8 @@
 """The sweep plan: which SAEs a sweep trains, how they are grouped and named. No Ray.
 
     SweepConfig x hooks ──expand_trials──▶ [Trial]   one SAE each: architecture, width,
-                                                      its sparsity value, hook, d_in
+                                                      its sparsity value or target L0,
+                                                      hook, d_in
                         ──pack_stacks────▶ [Stack]   trials of one architecture, width
                                                       and hook, trained together
     Trial.sae_config(cfg) ─────────────▶ SAEConfig  the one builder of an SAE's config
@@ -23,7 +24,7 @@ from sae_ray.sae.config import SPARSITY_PARAMS
 
 _SHORT = {"k": "k", "l1_coefficient": "l1_", "l0_coefficient": "l0_"}
 
-SUMMARY_COLUMNS = ["sae", "architecture", "d_sae", "k", "l1_coefficient", "l0_coefficient", "l0", "fvu",
+SUMMARY_COLUMNS = ["sae", "architecture", "d_sae", "target_l0", "k", "l1_coefficient", "l0_coefficient", "l0", "fvu",
                    "dead_fraction", "tokens_seen", "train_tokens_per_s", "verdict", "version"]
 """The columns of the printed summary table (`summary_row` has a few more)."""
 
@@ -41,13 +42,17 @@ class Trial:
     sparsity_param: str
     """Which knob sets its sparsity: "k", "l1_coefficient" or "l0_coefficient"."""
     sparsity: float
-    """That knob's value (an int for k)."""
+    """That knob's value (an int for k); for a target-L0 trial of a coefficient architecture,
+    the coefficient training starts from (`SAE.target_start`; the L0 controller moves it)."""
     hook: str
     """Hook point name, e.g. "blocks.3.hook_resid_post"."""
     hook_layer: int
     """Block index of the hook (-1 for a raw module path)."""
     d_in: int
     """Width of the activations at the hook."""
+    target_l0: int | None = None
+    """The L0 this SAE aims at (`sae.target_l0`; k = target for the k architectures), None for a
+    trial whose sparsity knob is set directly."""
 
     @property
     def name(self) -> str:
@@ -56,12 +61,15 @@ class Trial:
 
     @property
     def sparsity_label(self) -> str:
-        """e.g. 'k32' or 'l1_5'."""
+        """e.g. 'k32' or 'l1_5'; 'L0_32' for a target-L0 trial."""
+        if self.target_l0 is not None:
+            return f"L0_{self.target_l0}"
         value = self.sparsity if self.sparsity_param == "k" else f"{self.sparsity:g}"
         return f"{_SHORT[self.sparsity_param]}{value}"
 
     def sparsity_values(self) -> dict[str, float]:
-        """{k | l1_coefficient | l0_coefficient: value}: the one knob this trial sets."""
+        """{k | l1_coefficient | l0_coefficient: value}: the one knob this trial sets (its start
+        value for a target-L0 trial of a coefficient architecture)."""
         return {self.sparsity_param: self.sparsity}
 
     def get(self, param: str) -> float | None:
@@ -91,8 +99,9 @@ class Trial:
 
     def tags(self) -> dict[str, Any]:
         """What identifies this SAE among the others: for registry version tags and summaries."""
+        target = {} if self.target_l0 is None else {"target_l0": self.target_l0}
         return {"architecture": self.architecture, "d_sae": self.d_sae, "d_in": self.d_in,
-                "expansion_factor": self.expansion_factor, "hook": self.hook, **self.sparsity_values()}
+                "expansion_factor": self.expansion_factor, "hook": self.hook, **target, **self.sparsity_values()}
 
 
 @dataclass(frozen=True)
@@ -124,23 +133,41 @@ class Stack:
     def from_dict(cls, d: dict[str, Any]) -> Stack:
         return cls(tuple(Trial(**t) for t in d["trials"]))
 
+    @property
+    def reader_id(self) -> str:
+        """The id this stack's trial reads a bounded window under, known before the trial starts
+        (so the coordinator can wait for it), e.g. 'trial-topk-d64-k4_blocks.1.hook_resid_post-3f2a9c1b0d'.
+        The name with what a reader id cannot hold replaced by '_', cut to 150 characters, and a
+        hash of the whole name, so two stacks never share one (`buffer.layout.check_reader_id`)."""
+        import hashlib
+        import re
+
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", self.name)[:150]
+        return f"trial-{safe}-{hashlib.sha1(self.name.encode()).hexdigest()[:10]}"
+
 
 def expand_trials(sweep: SweepConfig, hooks: dict[str, int], hook_layers: dict[str, int] | None = None) -> list[Trial]:
     """The grid: for each hook, architecture, width and that architecture's sparsity values, one Trial.
 
     hooks: {hook name: d_in}; hook_layers: {hook name: block index} (default -1).
-    Widths come from `sae.expansion_factor` (d_sae = factor x d_in) or `sae.d_sae`.
+    Widths come from `sae.expansion_factor` (d_sae = factor x d_in) or `sae.d_sae`. An
+    architecture whose own knob list (k, l1_coefficient or l0_coefficient) is not given takes
+    `sae.target_l0` as its axis: k = target, or its `target_start` coefficient and the target.
     """
     trials = []
     for hook, d_in in hooks.items():
         widths = ([(ef * d_in, ef) for ef in sweep.expansion_factor] if sweep.expansion_factor
                   else [(d, d / d_in) for d in sweep.d_sae or []])
         for arch in sweep.architectures:
-            param = ARCHITECTURES[arch].sparsity_param
+            cls = ARCHITECTURES[arch]
+            param = cls.sparsity_param
+            own = getattr(sweep, param)
+            axis = [(v, None) for v in own or []] if own or not sweep.target_l0 else \
+                [(t if param == "k" else cls.target_start, t) for t in sweep.target_l0]
             for d_sae, ef in widths:
-                for value in getattr(sweep, param) or []:
+                for value, target in axis:
                     trials.append(Trial(arch, int(d_sae), ef, param, value, hook,
-                                        (hook_layers or {}).get(hook, -1), d_in))
+                                        (hook_layers or {}).get(hook, -1), d_in, target))
     return trials
 
 
@@ -157,6 +184,10 @@ def trial_problems(cfg: RunConfig, trials: list[Trial]) -> list[str]:
     `sae.extra` knobs) accepted by its architecture. One line per distinct problem."""
     problems = []
     for t in trials:
+        if t.target_l0 is not None and t.target_l0 >= t.d_sae:
+            problems.append(f"sae.target_l0: value {t.target_l0}: must be < d_sae ({t.d_sae} = expansion_factor x d_in "
+                            f"{t.d_in}) for {t.architecture}")
+            continue
         if t.k is not None and t.k >= t.d_sae:
             problems.append(f"sae.k: value {t.k}: must be < d_sae ({t.d_sae} = expansion_factor x d_in {t.d_in}) "
                             f"for {t.architecture}")
@@ -171,9 +202,12 @@ def trial_problems(cfg: RunConfig, trials: list[Trial]) -> list[str]:
 def summary_row(trial: Trial, final: dict[str, Any]) -> dict[str, Any]:
     """One row of the sweep summary: the trial's identity, its final (held-out) figures and the
     monitor's verdict (l0 and fvu are None for an SAE the monitor stopped)."""
+    coefficient = final.get("coefficient")  # where the L0 controller left it
+    knobs = {p: coefficient if p == trial.sparsity_param and coefficient is not None else trial.get(p)
+             for p in SPARSITY_PARAMS}
     return {
         "sae": trial.name, "architecture": trial.architecture, "d_sae": trial.d_sae,
-        **{p: trial.get(p) for p in SPARSITY_PARAMS}, "hook": trial.hook,
+        "target_l0": trial.target_l0, **knobs, "hook": trial.hook,
         "l0": final["l0"], "fvu": final["fvu"], "dead_fraction": final["dead_fraction"],
         "tokens_seen": final["tokens_seen"], "train_tokens_per_s": final["train_tokens_per_s"],
         "verdict": final["verdict"], "reasons": final["reasons"],
@@ -182,5 +216,6 @@ def summary_row(trial: Trial, final: dict[str, Any]) -> dict[str, Any]:
 
 
 def sort_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Summary rows by architecture, width, then sparsity."""
-    return sorted(rows, key=lambda r: (r["architecture"], r["d_sae"], *(r[p] or 0 for p in SPARSITY_PARAMS)))
+    """Summary rows by architecture, width, then target L0 and sparsity."""
+    return sorted(rows, key=lambda r: (r["architecture"], r["d_sae"], r.get("target_l0") or 0,
+                                       *(r[p] or 0 for p in SPARSITY_PARAMS)))

@@ -17,7 +17,13 @@ import ray
 from sae_ray.buffer import ActivationBuffer
 from sae_ray.buffer.ledger import committed_rows_by_rank
 from sae_ray.config import ConfigError, RunConfig
-from sae_ray.preflight import Plan, preflight, resource_problems
+from sae_ray.preflight import (
+    Plan,
+    available_resources,
+    preflight,
+    resource_problems,
+    window_problems,
+)
 
 _PRODUCTION: dict[str, list] = {}
 """Coordinator name -> [coordinator, *producers] of the production this driver runs ([coordinator]
@@ -45,12 +51,25 @@ def start_production(cfg: RunConfig, plan: Plan, bounded: bool = True, progress_
     progress_every: print a progress line this often from a background thread (None: don't).
     A producer whose process dies is restarted (producers.max_restarts) and resumes after the
     rows it committed; the coordinator restarts without limit and rebuilds from the buffer.
+
+    With the window, every stack's reader id (`Stack.reader_id`) is registered with the
+    coordinator before any trial starts, so a shard is dropped only once every trial, started
+    or not, has passed it (or finished); the shards with the first train.eval_rows held-out
+    rows are kept for the trials' final evaluation; the progress of readers of an earlier run
+    that are not this run's is forgotten (a resumed sweep's own readers keep theirs: a finished
+    trial's says done). The window's rules are checked again against the resources of the Ray
+    this process has joined (`preflight.window_problems`): ConfigError before anything starts.
     """
     from sae_ray.actors.coordinator import coordinator_name, start_coordinator
     from sae_ray.actors.producer import ActivationProducer
     from sae_ray.actors.watch import watch_in_background
 
     b = cfg.buffer
+    max_gb = b.max_gb if bounded else None
+    if max_gb is not None:  # a cluster's resources are known only now
+        problems = window_problems(cfg, plan.hooks, len(plan.stacks), available_resources())
+        if problems:
+            raise ConfigError(problems, "preflight")
     buffer = ActivationBuffer.create_or_open(cfg.buffer_path(), plan.fingerprint, plan.hooks, b.shard_rows,
                                              b.chunk_rows, b.dtype, codec=b.codec, codec_level=b.codec_level)
     if buffer.is_complete():
@@ -66,10 +85,12 @@ def start_production(cfg: RunConfig, plan: Plan, bounded: bool = True, progress_
         print(f"[sae-ray] resuming buffer {buffer.path}: {sum(done):,} rows already committed")
     # A new run: the claims and finished ranks of an earlier, dead run are void (its processes are gone).
     buffer.set_production({**buffer.production(), "producers": n, "claims": {}, "finished": []})
-    max_gb = b.max_gb if bounded else None
     buffer.set_window(None if max_gb is None else int(max_gb * 1e9))  # readers of a window read each shard once
-    readers = len(plan.stacks) if max_gb else 1  # each trial reads the window once
-    coordinator = start_coordinator(cfg.buffer_path(), b.n_tokens, n, max_gb, readers)
+    readers = tuple(s.reader_id for s in plan.stacks) if max_gb else ()  # each trial reads the window once
+    if max_gb is not None:  # a resumed sweep's readers keep theirs (a finished trial's says done)
+        buffer.clear_reader_progress(keep=readers)
+    coordinator = start_coordinator(cfg.buffer_path(), b.n_tokens, n, max_gb, max(1, len(readers)), readers,
+                                    cfg.train.eval_rows)
     p = cfg.producers
     options = dict(num_cpus=p.num_cpus, num_gpus=p.num_gpus, max_restarts=p.max_restarts, max_task_retries=-1)
     producers = [ActivationProducer.options(**options).remote(cfg.model_dump(mode="json"), rank, n, name)
@@ -119,7 +140,7 @@ def run_cache(cfg: RunConfig, address: str | None = None, plan: Plan | None = No
 
     start = time.perf_counter()
     cfg = cfg.with_absolute_paths()
-    plan = plan or preflight(cfg, address=address)  # raises before Ray starts
+    plan = plan or preflight(cfg, address=address, window=False)  # raises before Ray starts
     try:
         buffer = ActivationBuffer.open(cfg.buffer_path())
     except (FileNotFoundError, ValueError):

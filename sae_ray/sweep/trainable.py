@@ -1,12 +1,20 @@
 """One Tune trial: train a stack of SAEs (or one) from the buffer, log each to MLflow, register each.
 
-The Ray-facing part is only `tune.report`; the rest is the core (reader, training loop,
-evaluation) plus tracking. Every SAE of the stack gets its own MLflow child run and
-registered version, exactly as if it had been trained alone.
+The Ray-facing part is only `tune.report` and `tune.get_checkpoint`; the rest is the core
+(reader, training loop, evaluation) plus tracking. Every SAE of the stack gets its own MLflow
+child run and registered version, exactly as if it had been trained alone.
+
+Survival: every `train.checkpoint_every` tokens the trial reports a checkpoint
+(`sae_ray.train.checkpoint`: the loop's state, the reader's position, the MLflow run ids).
+A trial Tune restarts (its worker died: `resources.max_failures`; or the sweep is resumed
+after its driver died) goes on from the last one, in the same MLflow runs, and ends with
+exactly `train.total_tokens` tokens. Without a checkpoint it starts over, in the runs it had
+opened (found by the Tune trial id). Registration is idempotent (`tracking.register_sae`).
 """
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from typing import Any
@@ -23,15 +31,17 @@ from sae_ray.eval.metrics import evaluate_sae
 from sae_ray.formats import save_saelens
 from sae_ray.sae import create_sae
 from sae_ray.sweep.plan import Stack
+from sae_ray.sweep.search import report_scalars, trial_setup
+from sae_ray.train.checkpoint import load_checkpoint, save_checkpoint
 from sae_ray.train.loop import train_sae
 from sae_ray.train.memory import keep_freed_memory
 
 
 def train_trial(config: dict[str, Any]) -> None:
-    """Tune function trainable. config: {"stack": `Stack.to_dict()` (trials sharing architecture,
-    d_sae, hook), "run": RunConfig dump, "experiment_id", "parent_run_id"}."""
-    cfg = RunConfig.model_validate(config["run"])
-    stack = Stack.from_dict(config["stack"])
+    """Tune function trainable. config: `sweep.search.param_space` ("stacks", "stack_index",
+    "draw"), "run": RunConfig dump, "experiment_id", "parent_run_id"."""
+    cfg, stack = trial_setup(config)
+    plan_stack = Stack.from_dict(config["stacks"][config["stack_index"]])  # its reader id was registered
     hook = stack.hook
     torch.manual_seed(cfg.train.seed)
     device = pick_device(cfg.train.device)
@@ -45,33 +55,44 @@ def train_trial(config: dict[str, Any]) -> None:
     buffer = ActivationBuffer.open(cfg.buffer_path())
     if cfg.train.wait_for_buffer:
         _wait_complete(buffer)
-    run_ids = []
-    for t in stack.trials:
-        run_id = tracking.start_run(uri, config["experiment_id"], t.name, config["parent_run_id"], tags={
-            "sae_ray.hook": hook, "sae_ray.architecture": t.architecture, "sae_ray.stack": stack.name,
-            # whether this trial streamed (started before production finished) is worth seeing later
-            "sae_ray.buffer_rows_at_start": str(buffer.n_rows()),
-            "sae_ray.buffer_complete_at_start": str(buffer.is_complete()),
-        })
-        tracking.log_params(client, run_id, {"trial": {**t.tags(), "hook_layer": t.hook_layer}, "config": config["run"]})
-        run_ids.append(run_id)
-    reader_id = f"trial-{run_ids[0]}" if cfg.buffer.max_gb else None  # the coordinator drops shards all readers passed
+    resume, reader_state = None, None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as path:
+            resume = load_checkpoint(path)
+        run_ids, reader_state = resume[0]["extra"]["run_ids"], resume[0]["extra"]["reader"]
+        for run_id in run_ids:  # continue the runs the dead attempt left
+            tracking.retry(lambda: client.update_run(run_id, status="RUNNING"))  # noqa: B023 (called at once)
+            client.set_tag(run_id, "sae_ray.resumed_at_tokens", str(resume[0]["tokens_seen"]))
+    else:
+        run_ids = [_open_run(cfg, client, config, stack, i, buffer) for i in range(len(stack.trials))]
+    reader_id = plan_stack.reader_id if cfg.buffer.max_gb else None  # registered up front: the coordinator drops shards all readers passed
 
     names = [t.name for t in stack.trials]
+    last: dict[str, float] = {}  # the flat figures ASHA and Optuna read (sweep.search)
 
     def on_log(step: int, metrics: list[dict[str, float]]) -> None:
         """metrics: one dict per member still training, "member" its index in the stack."""
         for m in metrics:
             tracking.log_metrics(client, run_ids[m["member"]], {k: v for k, v in m.items() if k != "member"}, step)
-        tune.report({"members": names, "per_member": metrics})
+        last.update(report_scalars(metrics, last))
+        tune.report({"members": names, "per_member": metrics, **last})
+
+    def on_checkpoint(state: dict, tensors: dict) -> None:
+        state["extra"] = {"run_ids": run_ids, "reader": reader.state_dict(), "pid": os.getpid()}
+        with tempfile.TemporaryDirectory() as tmp:
+            save_checkpoint(tmp, state, tensors)
+            tune.report({"members": names, "checkpoint_tokens": state["tokens_seen"], **last},
+                        checkpoint=tune.Checkpoint.from_directory(tmp))
 
     ended: set[str] = set()
     try:
         # training never sees the held-out documents; the final figures are measured on them
-        reader = BufferReader(buffer, hook, cfg.train.batch_size, seed=cfg.train.seed,
-                              on_corrupt=cfg.buffer.on_corrupt, reader_id=reader_id, split="train")
+        reader = BufferReader(buffer, hook, cfg.train.batch_size, seed=cfg.train.seed, on_corrupt=cfg.buffer.on_corrupt,
+                              reader_id=reader_id, split="train", state=reader_state)
         try:
-            state = train_sae(sae, iter(reader), cfg.train, on_log=on_log)
+            state = train_sae(sae, iter(reader), cfg.train, on_log=on_log, targets=[t.target_l0 for t in stack.trials],
+                              on_checkpoint=on_checkpoint, resume=resume)
         finally:
             reader.close()
         trained = [] if state.sae is None else (state.sae.unstack() if state.sae.n_stack else [state.sae])
@@ -80,6 +101,8 @@ def train_trial(config: dict[str, Any]) -> None:
         finals = []
         for i, (t, run_id) in enumerate(zip(stack.trials, run_ids)):
             quality = {"verdict": state.verdicts[i], "reasons": "; ".join(state.reasons[i])}
+            # the coefficient where the L0 controller left it (None for the k architectures)
+            aim = {"target_l0": t.target_l0, "coefficient": state.coefficients[i]}
             # train_dead_fraction: silent for train.dead_tokens training tokens at the end (what the monitor watched)
             common = dict(tokens_seen=state.member_tokens[i], train_dead_fraction=state.dead_fraction[i], steps=state.step,
                           train_seconds=state.seconds, input_scale=state.input_scale,
@@ -93,7 +116,7 @@ def train_trial(config: dict[str, Any]) -> None:
                 client.set_tag(run_id, "sae_ray.stopped", quality["reasons"])
                 client.set_terminated(run_id, status="FAILED")
                 ended.add(run_id)
-                finals.append({**common, **quality, "l0": None, "fvu": None, "dead_fraction": None,
+                finals.append({**common, **quality, **aim, "l0": None, "fvu": None, "dead_fraction": None,
                                "mlflow_run_id": run_id, "registered_version": ""})
                 continue
             member = member_of[i]
@@ -102,6 +125,8 @@ def train_trial(config: dict[str, Any]) -> None:
             tracking.log_metrics(client, run_id, {f"final/{k}": v for k, v in final.items()}, state.step)
             member.cfg.extra.update(eval_split="held-out", eval_rows=len(x), fvu=final["fvu"], l0=final["l0"],
                                     tokens_seen=final["tokens_seen"], verdict=quality["verdict"])
+            if t.target_l0 is not None:
+                member.cfg.extra["target_l0"] = t.target_l0
             with tempfile.TemporaryDirectory() as tmp:
                 save_saelens(member, tmp)
                 client.log_artifacts(run_id, tmp, tracking.SAE_ARTIFACT_PATH)
@@ -111,17 +136,39 @@ def train_trial(config: dict[str, Any]) -> None:
                     **t.tags(), "l0": round(final["l0"], 4), "fvu": round(final["fvu"], 6),
                     "dead_fraction": round(final["dead_fraction"], 6), "tokens_seen": final["tokens_seen"],
                     "eval_split": "held-out", "eval_rows": len(x), "run_id": run_id, **quality,
+                    **({} if aim["coefficient"] is None else {t.sparsity_param: round(aim["coefficient"], 6)}),
                 }
                 version = tracking.register_sae(client, tracking.registry_name(cfg.model.name, hook), run_id, tags)
             client.set_terminated(run_id)
             ended.add(run_id)
-            finals.append({**final, **quality, "mlflow_run_id": run_id, "registered_version": version or ""})
+            finals.append({**final, **quality, **aim, "mlflow_run_id": run_id, "registered_version": version or ""})
     except BaseException:
         for run_id in run_ids:
             if run_id not in ended:
                 client.set_terminated(run_id, status="FAILED")
         raise
-    tune.report({"members": names, "final": finals})
+    tune.report({"members": names, "final": finals, **report_scalars(finals, last)})
+
+
+def _open_run(cfg: RunConfig, client, config: dict[str, Any], stack: Stack, i: int, buffer: ActivationBuffer) -> str:
+    """The MLflow child run of member i: the one an earlier attempt of this Tune trial opened
+    (found by the trial id and member), else a new one with its params."""
+    t = stack.trials[i]
+    key = {"sae_ray.tune_trial": tune.get_context().get_trial_id() or "", "sae_ray.member": str(i)}
+    found = tracking.find_run(client, config["experiment_id"], {"mlflow.parentRunId": config["parent_run_id"], **key})
+    if found:
+        tracking.retry(lambda: client.update_run(found, status="RUNNING"))
+        client.set_tag(found, "sae_ray.restarted", "no checkpoint yet: trained again from the start")
+        return found
+    run_id = tracking.start_run(cfg.tracking_uri(), config["experiment_id"], t.name, config["parent_run_id"], tags={
+        **key, "sae_ray.hook": t.hook, "sae_ray.architecture": t.architecture, "sae_ray.stack": stack.name,
+        # whether this trial streamed (started before production finished) is worth seeing later
+        "sae_ray.buffer_rows_at_start": str(buffer.n_rows()),
+        "sae_ray.buffer_complete_at_start": str(buffer.is_complete()),
+    })
+    tracking.log_params(client, run_id, {"trial": {**t.tags(), "hook_layer": t.hook_layer},
+                                         "config": cfg.model_dump(mode="json")})
+    return run_id
 
 
 def _wait_complete(buffer: ActivationBuffer, timeout: float = 24 * 3600) -> None:

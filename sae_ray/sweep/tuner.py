@@ -3,13 +3,20 @@
 `run_sweep(cfg)` is what `sae-ray run` and `jobs/sweep.py` call:
 
 1. preflight (unless given a plan): every problem is found before Ray starts;
-2. the parent MLflow run, with the whole resolved config as params;
+2. the sweep record (`sweep.resume`): an unfinished sweep of this config is resumed (its
+   parent MLflow run and Tune experiment), unless `fresh`; else the parent MLflow run is
+   new, with the whole resolved config as params;
 3. Ray: joins RAY_ADDRESS or `address`, else starts a local Ray;
 4. production starts (`sweep.production`); trials start as soon as shards are committed;
-5. Tune runs `train_trial` once per `Stack` of the plan (`Stack.to_dict()` in its config);
+5. Tune runs `train_trial` once per `Stack` of the plan, or as `sweep.search` draws them
+   (`sweep.search`), restarting a trial whose worker died from its checkpoint
+   (`resources.max_failures`); a resumed sweep restores the experiment (`Tuner.restore`):
+   finished trials are not run again, the others go on from their checkpoints;
 6. with a bounded window, the producers are told to stop once the trials are done;
-7. the summary rows (one per SAE), the report and the aliases go into the parent run;
-   a failed trial fails the sweep with one line per failure.
+7. child runs still RUNNING (a trial the scheduler stopped, a worker that died for good)
+   are closed as KILLED with the reason; the summary rows (one per SAE), the report and the
+   aliases go into the parent run; a failed trial fails the sweep with one line per failure;
+   the record is marked finished.
 """
 
 from __future__ import annotations
@@ -25,10 +32,13 @@ from sae_ray import tracking
 from sae_ray.config import RunConfig
 from sae_ray.preflight import Plan, preflight
 from sae_ray.sweep import SweepError
-from sae_ray.sweep.plan import Stack, sort_rows, summary_row
+from sae_ray.sweep import resume
+from sae_ray.sweep.plan import sort_rows, summary_row
 from sae_ray.sweep.production import connect_ray, start_production, with_rates
-from sae_ray.tracking.report import log_summary
+from sae_ray.sweep.search import param_space as search_space
+from sae_ray.sweep.search import stack_of, trial_name, trial_resources, tune_parts
 from sae_ray.sweep.trainable import train_trial
+from sae_ray.tracking.report import log_summary
 
 
 @dataclass
@@ -64,24 +74,45 @@ class ProductionWatcher(tune.Callback):
     def __init__(self, producing: list):
         self.pending = list(producing)
 
+    def __getstate__(self) -> dict:
+        """Tune saves its callbacks with the experiment; a producer's ref means nothing to a later
+        driver (a resumed sweep gets its own watcher), so it is not saved."""
+        return {"pending": []}
+
     def on_step_begin(self, iteration, trials, **info):
         if self.pending:
             ready, self.pending = ray.wait(self.pending, num_returns=len(self.pending), timeout=0)
             ray.get(ready)  # re-raises a producer's error here, in the driver
 
 
-def run_sweep(cfg: RunConfig, address: str | None = None, plan: Plan | None = None) -> SweepResult:
+def run_sweep(cfg: RunConfig, address: str | None = None, plan: Plan | None = None, fresh: bool = False) -> SweepResult:
+    """Run (or resume) the sweep of `cfg`; `fresh`: start a new sweep even if one of this config
+    did not finish (that one's open runs are closed as KILLED; nothing is deleted)."""
     start = time.perf_counter()
     cfg = cfg.with_absolute_paths()
     plan = plan or preflight(cfg, address=address)  # raises before Ray starts
+    record = resume.open_sweep(cfg, fresh)  # raises if an unfinished sweep's config differs
     workdir = cfg.workdir_path()
     workdir.mkdir(parents=True, exist_ok=True)
 
     uri = cfg.tracking_uri()
     experiment_id = tracking.ensure_experiment(uri, cfg.tracking.experiment, cfg.artifact_location())
     client = tracking.client_for(uri)
-    parent_run_id = tracking.start_run(uri, experiment_id, cfg.name, tags={"sae_ray.kind": "sweep"})
-    tracking.log_params(client, parent_run_id, cfg.model_dump(mode="json"))
+    old = resume.unfinished(cfg) if fresh else None
+    if record is not None:
+        parent_run_id, tune_path = record["parent_run_id"], record["tune_path"]
+        tracking.retry(lambda: client.update_run(parent_run_id, status="RUNNING"))
+        print(f"[sae-ray] resuming sweep {cfg.name!r}: MLflow run {parent_run_id}, Tune experiment {tune_path}")
+    else:
+        parent_run_id = tracking.start_run(uri, experiment_id, cfg.name, tags={"sae_ray.kind": "sweep"})
+        tracking.log_params(client, parent_run_id, cfg.model_dump(mode="json"))
+        tune_path = str(workdir / "tune" / f"{cfg.name}-{parent_run_id[:8]}")
+        if old is not None:  # --fresh: the unfinished sweep is closed, not deleted
+            why = f"superseded by --fresh sweep {parent_run_id}"
+            tracking.close_open_runs(client, experiment_id, old["parent_run_id"], "KILLED", why)
+            client.set_tag(old["parent_run_id"], "sae_ray.closed", why)
+            client.set_terminated(old["parent_run_id"], status="KILLED")
+    resume.write_record(cfg, "running", parent_run_id, tune_path)
     print(f"[sae-ray] {len(plan.trials)} SAEs in {len(plan.stacks)} trials on {list(plan.hooks)}; "
           f"MLflow {uri} run {parent_run_id}")
 
@@ -89,37 +120,44 @@ def run_sweep(cfg: RunConfig, address: str | None = None, plan: Plan | None = No
         connect_ray(cfg, address)
         client.set_tag(parent_run_id, "sae_ray.ray_address", ray.get_runtime_context().gcs_address)
         producing = start_production(cfg, plan)
-        r = cfg.resources
-        trainable = tune.with_resources(train_trial, {"cpu": r.cpus_per_trial, "gpu": r.gpus_per_trial})
-        param_space = {
-            "stack": tune.grid_search([s.to_dict() for s in plan.stacks]),
-            "run": cfg.model_dump(mode="json"),
-            "experiment_id": experiment_id,
-            "parent_run_id": parent_run_id,
-        }
-        tuner = tune.Tuner(
-            trainable,
-            param_space=param_space,
-            tune_config=tune.TuneConfig(max_concurrent_trials=r.max_concurrent_trials,
-                                        trial_name_creator=lambda t: Stack.from_dict(t.config["stack"]).name,
-                                        trial_dirname_creator=lambda t: f"{t.trial_id}"),
-            run_config=tune.RunConfig(name=f"{cfg.name}-{parent_run_id[:8]}", storage_path=str(workdir / "tune"),
-                                      verbose=0, callbacks=[ProgressPrinter(), ProductionWatcher(producing)]),
-        )
+        trainable = tune.with_resources(train_trial, trial_resources(cfg))
+        param_space = {**search_space(cfg, plan.stacks), "run": cfg.model_dump(mode="json"),
+                       "experiment_id": experiment_id, "parent_run_id": parent_run_id}
+        callbacks = [ProgressPrinter(), ProductionWatcher(producing)]
+        if record is not None and tune.Tuner.can_restore(tune_path):
+            # callbacks are not saved with the experiment; the restored run gets this driver's
+            tuner = tune.Tuner.restore(tune_path, trainable, param_space=param_space,
+                                       resume_unfinished=True, resume_errored=True)
+            tuner._local_tuner.get_run_config().callbacks = callbacks  # Tune has no public setter
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space=param_space,
+                tune_config=tune.TuneConfig(**tune_parts(cfg)._asdict(),
+                                            trial_name_creator=lambda t: trial_name(t.config),
+                                            trial_dirname_creator=lambda t: f"{t.trial_id}"),
+                run_config=tune.RunConfig(
+                    name=tune_path.rsplit("/", 1)[1], storage_path=tune_path.rsplit("/", 1)[0], verbose=0, callbacks=callbacks,
+                    failure_config=tune.FailureConfig(max_failures=cfg.resources.max_failures),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
+            )
         results = tuner.fit()
         if cfg.buffer.max_gb:  # a window: producers may be waiting for readers that have finished
             from sae_ray.actors.coordinator import stop_production
 
             stop_production(cfg.buffer_path())
         producer_stats = with_rates(ray.get(producing))
+        tracking.close_open_runs(client, experiment_id, parent_run_id, "KILLED",
+                                 "its trial ended without closing it (stopped by the scheduler, or its worker died)")
         failed = [r for r in results if r.error is not None]
         rows = sort_rows([summary_row(t, m) for r in results if r.error is None
-                          for t, m in zip(Stack.from_dict(r.config["stack"]).trials, (r.metrics or {}).get("final", []))])
+                          for t, m in zip(stack_of(r.config).trials, (r.metrics or {}).get("final", []))])
         log_summary(client, parent_run_id, rows, producer_stats, cfg.model.name, cfg.tracking.register_models)
         if failed:
-            lines = [f"  {Stack.from_dict(r.config['stack']).name}: {error_line(r.error)}" for r in failed]
-            raise SweepError(f"{len(failed)} of {len(plan.stacks)} trials failed:\n" + "\n".join(lines))
+            lines = [f"  {stack_of(r.config).name}: {error_line(r.error)}" for r in failed]
+            raise SweepError(f"{len(failed)} of {len(results)} trials failed:\n" + "\n".join(lines))
         client.set_terminated(parent_run_id)
+        resume.write_record(cfg, "finished", parent_run_id, tune_path)
     except BaseException:
         client.set_terminated(parent_run_id, status="FAILED")
         raise

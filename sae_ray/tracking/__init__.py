@@ -98,8 +98,30 @@ def registry_name(model_name: str, hook_name: str) -> str:
     return f"{model}__{hook_name}"
 
 
+def find_run(client: MlflowClient, experiment_id: str, tags: dict[str, str]) -> str | None:
+    """The id of the run of the experiment that carries every one of `tags` (the oldest if several), or None."""
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    runs = retry(lambda: client.search_runs([experiment_id], query, order_by=["attributes.start_time ASC"], max_results=1))
+    return runs[0].info.run_id if runs else None
+
+
+def close_open_runs(client: MlflowClient, experiment_id: str, parent_run_id: str, status: str, reason: str) -> list[str]:
+    """End every child run of `parent_run_id` still RUNNING as `status` (FAILED or KILLED), with
+    `reason` in its `sae_ray.closed` tag; returns their ids. For runs a dead process left open."""
+    query = f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'RUNNING'"
+    runs = retry(lambda: client.search_runs([experiment_id], query, max_results=10_000))
+    for run in runs:
+        client.set_tag(run.info.run_id, "sae_ray.closed", reason)
+        client.set_terminated(run.info.run_id, status=status)
+    return [r.info.run_id for r in runs]
+
+
 def register_sae(client: MlflowClient, name: str, run_id: str, tags: dict[str, Any]) -> str:
-    """Register the run's SAE artifact as a new version of `name`; returns the version."""
+    """Register the run's SAE artifact as a version of `name`; returns the version. Idempotent:
+    a run that already has a version of `name` gets that version back, not a second one."""
+    existing = retry(lambda: client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"))
+    if existing:
+        return min(existing, key=lambda v: int(v.version)).version
     try:
         retry(lambda: client.create_registered_model(name))
     except MlflowException as e:

@@ -30,7 +30,9 @@ def format_table(rows: list[dict[str, Any]], columns: list[str] = SUMMARY_COLUMN
 
 
 def plot_frontier(rows: list[dict[str, Any]], path: Path) -> None:
-    """L0 (log scale) against FVU, one series per architecture and hook: the sparsity/fidelity frontier."""
+    """L0 (log scale) against FVU, one series per architecture and hook: the sparsity/fidelity
+    frontier. Each target L0 of a ladder is a dotted vertical line, where the architectures'
+    points meet for a like-for-like comparison."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -41,6 +43,8 @@ def plot_frontier(rows: list[dict[str, Any]], path: Path) -> None:
     for key in sorted({(r["architecture"], r["hook"]) for r in rows}):
         pts = sorted((r["l0"], r["fvu"]) for r in rows if (r["architecture"], r["hook"]) == key)
         ax.plot(*zip(*pts), marker="o", label=f"{key[0]} @ {key[1]}")
+    for target in sorted({r["target_l0"] for r in rows if r.get("target_l0")}):
+        ax.axvline(target, linestyle=":", color="grey", linewidth=1)
     ax.set(xscale="log", xlabel="L0 (active latents per token)", ylabel="FVU", title="SAE sweep: L0 vs FVU")
     ax.grid(True, alpha=0.3)
     if rows:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +23,7 @@ from sae_ray.sae import SAE, SAEOutput
 from sae_ray.train.init import MEDIAN_ROWS, expected_norm_scale, first_rows, init_b_dec
 from sae_ray.train.monitor import STOPPED, Monitor, keep_members, nonfinite_weights
 from sae_ray.train.optim import Adam, clip_grad_norm_, lr_factor, sparsity_factor
+from sae_ray.train.target import L0Controller
 
 
 @dataclass
@@ -51,6 +53,9 @@ class TrainState:
     stack of the survivors (a stack of 1 if one is left), or None when every member was stopped."""
     members: list[int] = field(default_factory=list)
     """The original index of each member of `sae`, in order ([0] for a single SAE; [] for None)."""
+    coefficients: list[float | None] = field(default_factory=list)
+    """Per member: its sparsity coefficient at the end (the L0 controller's last λ for a
+    target-L0 member of a coefficient architecture); None for the k architectures."""
 
 
 def train_sae(
@@ -59,6 +64,9 @@ def train_sae(
     train: TrainConfig,
     on_log: Callable[[int, list[dict[str, float]]], None] | None = None,
     lrs: list[float] | None = None,
+    targets: list[float | None] | None = None,
+    on_checkpoint: Callable[[dict[str, Any], dict[str, Tensor]], None] | None = None,
+    resume: tuple[dict[str, Any], dict[str, Tensor]] | None = None,
 ) -> TrainState:
     """Train `sae` (one SAE, or a stack of K sharing each batch) until `train.total_tokens` rows
     have been seen; one optimizer step per batch. Returns a TrainState; the trained SAE is
@@ -66,6 +74,17 @@ def train_sae(
 
     batches: yields float tensors x [B, d_in], on any device (moved to the SAE's).
     lrs: a learning rate per stack member (default: train.lr for each).
+    targets: a target L0 per stack member (None: none). For a coefficient architecture
+    (ReLU+L1, Gated, JumpReLU) the L0 controller (`train.l0_control`, `sae_ray.train.target`)
+    then moves each targeted member's coefficient after every step of the control span from
+    its value in the member's config; the k architectures take k = target in their config and
+    ignore this.
+    on_checkpoint(state, tensors): called every `train.checkpoint_every` tokens (not at the end)
+    with the loop's whole state, as `sae_ray.train.checkpoint.save_checkpoint` takes it.
+    resume: such a (state, tensors) pair; `sae` must then be built from the same configs as the
+    SAE that was checkpointed, and `batches` must yield what the checkpointed loop would have read
+    next (a BufferReader given the reader's state of that moment). The init batches are not read
+    again; the run goes on at the checkpoint's step and ends at `train.total_tokens` as before.
 
     Before the first step, the first `train.init_batches` batches give the input scale
     s = sqrt(d_in / E||x||^2) ("expected_norm"; 1 with "none") and b_dec (`train.b_dec_init`,
@@ -80,7 +99,8 @@ def train_sae(
     Each step: set the lr and `sae.sparsity_scale`; forward (bf16 autocast per `train.autocast`);
     backward of the summed member losses (members are independent, so each gets its own
     gradient); `sae.pre_step()`; clip to `train.grad_clip_norm` (per member); Adam step
-    (betas: `train.adam_betas`, else `sae.adam_betas`); `sae.post_step()`. `pre_step` runs before
+    (betas: `train.adam_betas`, else `sae.adam_betas`); `sae.post_step()`; in the control span,
+    the L0 controller sets the targeted members' coefficients from this batch's L0. `pre_step` runs before
     clipping: it removes the gradient component that a decoder-norm constraint would undo, so
     the clipped norm is the norm of the update that is actually applied (as dictionary_learning
     and SAELens order them).
@@ -99,7 +119,8 @@ def train_sae(
     not. Each dict has member, loss, mse (summed squared error per row, in the units of x*s),
     fvu (of the batch; scale-free), l0, dead_fraction (latents silent for `train.dead_tokens`
     tokens, from `sae.tokens_since_fired`), `<name>_loss` for each aux term (units of x*s), lr,
-    sparsity_scale, tokens, tokens_per_s.
+    sparsity_scale, tokens, tokens_per_s, and coefficient (the sparsity coefficient now) for a
+    coefficient architecture.
     """
     device = next(sae.parameters()).device
     n_stack = sae.n_stack
@@ -107,21 +128,43 @@ def train_sae(
     lrs = [float(train.lr)] * n if lrs is None else [float(v) for v in lrs]
     if len(lrs) != n:
         raise ValueError(f"lrs: {len(lrs)} learning rates for {n} SAE(s); give one per stack member")
-    same_lr = len(set(lrs)) == 1
     betas = train.adam_betas or sae.adam_betas
-    opt = Adam(sae.parameters(), lr=lrs[0] if same_lr else lrs, betas=betas, n_stack=n_stack)
     bf16 = train.autocast == "bf16" or (train.autocast == "auto" and device.type == "cuda")
     monitor = Monitor(train.monitor, n, sae.cfg.d_sae, train.total_tokens)
     members = list(range(n))  # the original index of each member of the stack being trained
+    coefficient_arch = sae.sparsity_param != "k"
+    targets = [None] * n if targets is None or not coefficient_arch else list(targets)
+    if len(targets) != n:
+        raise ValueError(f"targets: {len(targets)} target L0s for {n} SAE(s); give one per stack member")
 
     state = TrainState(dead_fraction=[0.0] * n, member_tokens=[0] * n)
     start = time.perf_counter()
     batches = iter(batches)
-    first = _take(batches, train.init_batches, train.total_tokens)
-    scale = expected_norm_scale(first) if train.normalize_activations == "expected_norm" else 1.0
+    if resume is None:
+        first = _take(batches, train.init_batches, train.total_tokens)
+        scale = expected_norm_scale(first) if train.normalize_activations == "expected_norm" else 1.0
+        init_b_dec(sae, first_rows(first, MEDIAN_ROWS).to(device).float() * scale, train.b_dec_init)
+        total_steps = math.ceil(train.total_tokens / first[0].shape[0])
+    else:
+        first, (meta, tensors) = [], resume
+        scale, total_steps, members = meta["input_scale"], meta["total_steps"], list(meta["members"])
+        if members != list(range(n)):  # the monitor had stopped some: rebuild the survivors' stack
+            with torch.random.fork_rng(devices=[]):
+                sae = type(sae).stack([sae.unstack()[i] for i in members])
+            lrs, targets = [lrs[i] for i in members], [targets[i] for i in members]
     state.input_scale = scale
-    init_b_dec(sae, first_rows(first, MEDIAN_ROWS).to(device).float() * scale, train.b_dec_init)
-    total_steps = math.ceil(train.total_tokens / first[0].shape[0])
+    prior_seconds = 0.0 if resume is None else float(meta["seconds"])
+    control = L0Controller(targets, [getattr(c, sae.sparsity_param) if coefficient_arch else 1.0 for c in sae.cfgs],
+                           start_step=round(train.sparsity_warmup_fraction * total_steps),
+                           stop_step=total_steps - round(train.l0_control.freeze_fraction * total_steps),
+                           gain=train.l0_control.gain)
+    n_stack, same_lr = sae.n_stack, len(set(lrs)) == 1
+    opt = Adam(sae.parameters(), lr=lrs[0] if same_lr else lrs, betas=betas, n_stack=n_stack)
+    if resume is not None:
+        _restore(meta, tensors, sae, opt, state, monitor, control)
+        if coefficient_arch:
+            sae.set_coefficients([state.coefficients[k] for k in members])
+    every = train.checkpoint_every or math.ceil(train.total_tokens / 5)
 
     sae.train()
     sae.dead_tokens = train.dead_tokens
@@ -143,6 +186,9 @@ def train_sae(
             clip_grad_norm_(opt.params, train.grad_clip_norm, n_stack)
         opt.step()
         sae.post_step()
+        if control.active(state.step):
+            batch_l0 = l0(out.feature_acts).reshape(-1).tolist()
+            sae.set_coefficients(control.update(state.step, batch_l0))
         state.step += 1
         state.tokens_seen += x.shape[0]
         done = state.tokens_seen >= train.total_tokens
@@ -151,6 +197,9 @@ def train_sae(
             per_s = (state.tokens_seen - last_tokens) / max(now - last_time, 1e-9)
             extra = {"sparsity_scale": sae.sparsity_scale, "tokens": float(state.tokens_seen), "tokens_per_s": per_s}
             metrics = _metrics(sae, out, x, [lr * lr_now for lr in lrs], extra, members)
+            if coefficient_arch:
+                for m, c in zip(metrics, sae.cfgs):
+                    m["coefficient"] = getattr(c, sae.sparsity_param)
             bad = nonfinite_weights(sae) if train.monitor.enabled else [[]] * len(members)
             stop = [i for i, m in enumerate(metrics) if monitor.check(m, bad[i], last=done) == STOPPED]
             if on_log is not None:
@@ -159,14 +208,22 @@ def train_sae(
             for i in stop:
                 state.member_tokens[members[i]] = state.tokens_seen
                 state.dead_fraction[members[i]] = metrics[i]["dead_fraction"]
+            if stop:
+                state.coefficients = _coefficients(sae, members, state.coefficients, n)
             keep = [i for i in range(len(members)) if i not in stop]
             if not keep:
                 sae, members = None, []
                 break
             if stop:
                 sae, opt = keep_members(sae, opt, keep)
+                control.keep(keep)
                 members, lrs = [members[i] for i in keep], [lrs[i] for i in keep]
                 n_stack, same_lr = sae.n_stack, len(set(lrs)) == 1
+        if on_checkpoint is not None and not done and state.step >= train.init_batches \
+                and state.tokens_seen // every > (state.tokens_seen - x.shape[0]) // every:
+            state.coefficients = _coefficients(sae, members, state.coefficients, n)
+            state.seconds = prior_seconds + time.perf_counter() - start
+            on_checkpoint(*_checkpoint(sae, opt, state, monitor, control, members, total_steps))
         if done:
             break
 
@@ -177,10 +234,55 @@ def train_sae(
         dead = dead_fraction(sae.tokens_since_fired, sae.dead_tokens).reshape(-1).tolist()
         for k, d in zip(members, dead):
             state.dead_fraction[k], state.member_tokens[k] = d, state.tokens_seen
-    state.seconds = time.perf_counter() - start
+    if sae is not None:
+        state.coefficients = _coefficients(sae, members, state.coefficients, n)
+    state.seconds = prior_seconds + time.perf_counter() - start
     state.sae, state.members = sae, members
     state.verdicts, state.reasons = monitor.verdicts, monitor.reasons
     return state
+
+
+def _checkpoint(sae: SAE, opt: Adam, state: TrainState, monitor: Monitor, control: L0Controller,
+                members: list[int], total_steps: int) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """The loop's whole state: (plain JSON, tensors) for `sae_ray.train.checkpoint`."""
+    meta = {"step": state.step, "tokens_seen": state.tokens_seen, "total_steps": total_steps,
+            "input_scale": state.input_scale, "members": list(members), "member_tokens": list(state.member_tokens),
+            "dead_fraction": list(state.dead_fraction), "coefficients": list(state.coefficients),
+            "seconds": state.seconds, "opt_steps": list(opt.steps),
+            "monitor": monitor.state_dict(), "control": control.state_dict()}
+    tensors = {f"sae.{k}": v for k, v in sae.state_dict().items()}
+    tensors["sae.tokens_since_fired"] = sae.tokens_since_fired
+    for i, (m, v) in enumerate(zip(opt.exp_avg, opt.exp_avg_sq)):
+        tensors[f"opt.exp_avg.{i}"], tensors[f"opt.exp_avg_sq.{i}"] = m, v
+    return meta, tensors
+
+
+@torch.no_grad()
+def _restore(meta: dict[str, Any], tensors: dict[str, Tensor], sae: SAE, opt: Adam, state: TrainState,
+             monitor: Monitor, control: L0Controller) -> None:
+    """Inverse of `_checkpoint`, into a loop whose `sae` already holds the checkpointed members."""
+    device = next(sae.parameters()).device
+    sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.") and k != "sae.tokens_since_fired"})
+    sae.tokens_since_fired.copy_(tensors["sae.tokens_since_fired"])
+    n = len(opt.params)
+    opt.load_state_dict({"steps": meta["opt_steps"],
+                         "exp_avg": [tensors[f"opt.exp_avg.{i}"].to(device) for i in range(n)],
+                         "exp_avg_sq": [tensors[f"opt.exp_avg_sq.{i}"].to(device) for i in range(n)]})
+    state.step, state.tokens_seen = meta["step"], meta["tokens_seen"]
+    state.member_tokens, state.dead_fraction = list(meta["member_tokens"]), list(meta["dead_fraction"])
+    state.coefficients = list(meta["coefficients"])
+    monitor.load_state_dict(meta["monitor"])
+    control.load_state_dict(meta["control"])
+
+
+def _coefficients(sae: SAE, members: list[int], known: list[float | None], n: int) -> list[float | None]:
+    """Per original member: its sparsity coefficient in `sae` (members: their original indices),
+    else what `known` had (None for the k architectures)."""
+    out = list(known) or [None] * n
+    if sae.sparsity_param != "k":
+        for k, c in zip(members, sae.cfgs):
+            out[k] = getattr(c, sae.sparsity_param)
+    return out
 
 
 def _take(batches: Iterator[Tensor], n: int, max_rows: int) -> list[Tensor]:

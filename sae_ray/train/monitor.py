@@ -100,6 +100,17 @@ class Monitor:
             self._warn(k, "dead", f"dead: {metrics['dead_fraction']:.2f} of latents dead {at}")
         return self.verdicts[k]
 
+    def state_dict(self) -> dict:
+        """Plain JSON: what a checkpoint keeps."""
+        return {"verdicts": list(self.verdicts), "reasons": [list(r) for r in self.reasons],
+                "dense_since": [list(d) if d else None for d in self._dense_since], "fvu_since": list(self._fvu_since)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.verdicts = list(state["verdicts"])
+        self.reasons = [list(r) for r in state["reasons"]]
+        self._dense_since = [(int(d[0]), float(d[1])) if d else None for d in state["dense_since"]]
+        self._fvu_since = list(state["fvu_since"])
+
     def _stop(self, k: int, reason: str) -> str:
         self.verdicts[k] = STOPPED
         self.reasons[k].append(reason)
