@@ -21,10 +21,19 @@ def cmd_validate(args) -> int:
 
     cfg = _load(args)
     plan = preflight(cfg, check_data=not args.static, check_buffer=not args.static)
+    _print_warnings(cfg)
     print(f"{args.config}: OK — {len(plan.trials)} SAEs in {len(plan.stacks)} trials on hooks {plan.hooks} (hook: d_in)")
     for stack in plan.stacks:
         print(f"   {stack.name}")
     return 0
+
+
+def _print_warnings(cfg) -> None:
+    """What a valid config may still get wrong (an unfair metric for ASHA or Optuna), on stderr."""
+    from sae_ray.config.sections import search_warnings
+
+    for line in search_warnings(cfg):
+        print(f"warning: {line}", file=sys.stderr)
 
 
 def cmd_run(args) -> int:
@@ -35,6 +44,7 @@ def cmd_run(args) -> int:
     start = time.perf_counter()
     cfg = _load(args)
     plan = preflight(cfg, address=args.address)
+    _print_warnings(cfg)
     result = run_sweep(cfg, address=args.address, plan=plan, fresh=args.fresh)
     print()
     print(format_table(result.rows))

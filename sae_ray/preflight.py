@@ -88,6 +88,10 @@ def preflight(cfg: RunConfig, check_data: bool = True, check_buffer: bool = True
             hooks = _hook_widths(model, config, resolved)
         trials = expand_trials(cfg.sae, hooks, layers)
         problems += trial_problems(cfg, trials)
+        if cfg.sweep.search != "grid" and trials:  # what is drawn must suit every SAE it applies to
+            from sae_ray.sweep.search import plan_problems
+
+            problems += plan_problems(cfg, [Stack(tuple(trials))])
         tok = getattr(config, "vocab_size", None)
         fingerprint = {
             "model": cfg.model.name,

@@ -131,10 +131,12 @@ def test_validate_command_reports_problems_and_exit_code(tmp_path):
 
 
 def test_shipped_configs_are_valid():
-    for name in ["quickstart.yaml", "pythia-70m.yaml"]:
-        cfg = load_config(Path(__file__).parent.parent / "jobs" / "configs" / name)
-        assert cfg.sae.architectures == ["standard", "topk"]
-        assert len(cfg.sae.l1_coefficient) == 2 and len(cfg.sae.k) == 2
+    quickstart = load_config(Path(__file__).parent.parent / "jobs" / "configs" / "quickstart.yaml")
+    assert quickstart.sae.architectures == ["standard", "topk"]
+    assert len(quickstart.sae.target_l0) == 2 and quickstart.sae.l1_coefficient is None and quickstart.sae.k is None
+    pythia = load_config(Path(__file__).parent.parent / "jobs" / "configs" / "pythia-70m.yaml")
+    assert pythia.sae.architectures == ["standard", "topk"]
+    assert len(pythia.sae.l1_coefficient) == 2 and len(pythia.sae.k) == 2
 
 
 def test_plan_packs_names_and_travels_as_plain_json():

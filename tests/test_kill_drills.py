@@ -42,15 +42,18 @@ def checkpoints(workdir: Path) -> list[Path]:
     return sorted(workdir.glob("tune/*/*/checkpoint_*/state.json"))
 
 
-def kill_at_first_checkpoint(workdir: Path, pid_of, stop: threading.Event) -> list[int]:
-    """In a thread: wait for a trial's first checkpoint, then SIGKILL pid_of(state.json)."""
+def kill_at_second_checkpoint(workdir: Path, pid_of, stop: threading.Event) -> list[int]:
+    """In a thread: wait for a trial's second checkpoint, then SIGKILL pid_of(state.json). Not the
+    first: Tune records a checkpoint only once the driver has taken the report that carried it,
+    so a kill just after the first one was written may find it not yet recorded (the trial then
+    starts over, in its own runs); by the second, the first has been taken."""
     killed: list[int] = []
 
     def watch():
         while not stop.wait(0.05):
             found = checkpoints(workdir)
-            if found:
-                pid = pid_of(json.loads(found[0].read_text()))
+            if len(found) >= 2:
+                pid = pid_of(json.loads(found[-1].read_text()))
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
                 return
@@ -78,12 +81,12 @@ def test_a_trial_worker_killed_mid_training_goes_on_from_its_checkpoint(tmp_path
     reference = {r["sae"]: r for r in run_sweep(cfg.model_copy(update={"workdir": str(tmp_path / "reference")})).rows}
 
     stop = threading.Event()
-    killed = kill_at_first_checkpoint(tmp_path / "work", lambda state: state["extra"]["pid"], stop)
+    killed = kill_at_second_checkpoint(tmp_path / "work", lambda state: state["extra"]["pid"], stop)
     try:
         rows = run_sweep(cfg).rows
     finally:
         stop.set()
-    assert killed, "the trial finished before its first checkpoint: the drill did not happen"
+    assert killed, "the trial finished before its second checkpoint: the drill did not happen"
     client, runs = assert_complete(cfg, rows, 2)
     resumed = [r for r in runs if "sae_ray.resumed_at_tokens" in r.data.tags]
     assert len(resumed) == 2 and all(int(r.data.tags["sae_ray.resumed_at_tokens"]) >= 6_400 for r in resumed)
@@ -101,7 +104,7 @@ def test_a_killed_driver_is_resumed_by_running_the_same_command_again(tmp_path, 
 
     driver = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     stop = threading.Event()
-    killed = kill_at_first_checkpoint(tmp_path / "work", lambda state: driver.pid, stop)
+    killed = kill_at_second_checkpoint(tmp_path / "work", lambda state: driver.pid, stop)
     try:
         driver.wait(timeout=300)
     finally:

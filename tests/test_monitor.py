@@ -83,7 +83,16 @@ def test_dense_but_falling_is_only_flagged_and_flagged_once():
     assert mon.reasons[0] == ["dense: L0 0.22·d_sae at 3,000 tokens (warn above 0.05)"]  # one reason, the latest figure
     assert mon.check(m(TOTAL, l0=13), last=True) == "warn"  # still above 0.2 at the end: flagged, kept
     assert mon.reasons[0][-1] == "dense: L0 0.20·d_sae at 10,000 tokens, the end (above 0.2)"
-    assert mon.check(m(500, l0=2.0)) == "warn"  # a verdict never gets better
+    assert mon.check(m(500, l0=2.0)) == "warn"  # during the warmup nothing is judged
+
+
+def test_a_dense_or_dead_warning_goes_when_the_sae_is_no_longer_so():
+    mon = monitor()
+    assert mon.check(m(1000, l0=8, dead=0.7)) == "warn"
+    assert mon.check(m(2000, l0=8, dead=0.1)) == "warn" and mon.reasons[0] == [
+        "dense: L0 0.12·d_sae at 2,000 tokens (warn above 0.05)"]  # the dead latents came back
+    assert mon.check(m(3000, l0=10, sparsity_scale=0.5)) == "warn"  # not at full penalty: not judged
+    assert mon.check(m(TOTAL, l0=2.0), last=True) == "ok" and mon.reasons == [[]]  # sparse at the end
 
 
 def test_dense_is_judged_only_at_full_sparsity_penalty():

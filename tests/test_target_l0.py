@@ -34,6 +34,20 @@ def test_the_controller_raises_the_coefficient_of_a_dense_member_and_lowers_a_sp
     assert restored.coefficients == c.coefficients and restored.targets == c.targets
 
 
+def test_the_coefficient_is_left_alone_while_the_l0_is_already_on_its_way():
+    c = L0Controller([10.0], [1.0], start_step=0, stop_step=100, gain=0.1, patience_steps=2, patience_change=0.05)
+    c.update(0, [400.0])
+    c.update(1, [300.0])  # history not full yet: controlled both times
+    assert c.coefficients[0] == pytest.approx(torch.e ** 0.2)
+    c.update(2, [200.0])  # dense, but falling by half in two steps: on its way, λ stays
+    assert c.coefficients[0] == pytest.approx(torch.e ** 0.2)
+    c.update(3, [200.0])  # 300 -> 200 is still falling fast: stays
+    c.update(4, [200.0])  # stopped falling while still dense: controlled again
+    assert c.coefficients[0] == pytest.approx(torch.e ** 0.3)
+    c.update(5, [2.0])  # sparser than the target and falling: controlled (down)
+    assert c.coefficients[0] == pytest.approx(torch.e ** 0.2)
+
+
 def test_a_target_ladder_makes_one_trial_per_target_for_every_architecture():
     cfg = validate_config({**BASE, "sae": {"architectures": ["standard", "topk", "jumprelu"], "expansion_factor": [4],
                                            "target_l0": [8, 16]}})

@@ -151,7 +151,7 @@ def run_sweep(cfg: RunConfig, address: str | None = None, plan: Plan | None = No
                                  "its trial ended without closing it (stopped by the scheduler, or its worker died)")
         failed = [r for r in results if r.error is not None]
         rows = sort_rows([summary_row(t, m) for r in results if r.error is None
-                          for t, m in zip(stack_of(r.config).trials, (r.metrics or {}).get("final", []))])
+                          for t, m in zip(stack_of(r.config).trials, _finals(r.metrics or {}, len(stack_of(r.config).trials)))])
         log_summary(client, parent_run_id, rows, producer_stats, cfg.model.name, cfg.tracking.register_models)
         if failed:
             lines = [f"  {stack_of(r.config).name}: {error_line(r.error)}" for r in failed]
@@ -162,6 +162,17 @@ def run_sweep(cfg: RunConfig, address: str | None = None, plan: Plan | None = No
         client.set_terminated(parent_run_id, status="FAILED")
         raise
     return SweepResult(rows, producer_stats, parent_run_id, time.perf_counter() - start)
+
+
+def _finals(metrics: dict[str, Any], n: int) -> list[dict[str, Any]]:
+    """A finished trial's per-SAE final figures; for a trial the scheduler (ASHA) stopped before
+    its end, n rows that say so (no figures: it was not evaluated or registered)."""
+    if "final" in metrics:
+        return metrics["final"]
+    tokens = int(metrics.get("tokens") or 0)
+    return [{"l0": None, "fvu": None, "dead_fraction": None, "tokens_seen": tokens, "train_tokens_per_s": None,
+             "verdict": "stopped", "reasons": f"scheduler: trailing at {tokens:,} tokens", "target_l0": None,
+             "coefficient": None, "registered_version": "", "mlflow_run_id": ""}] * n
 
 
 def error_line(error: BaseException) -> str:

@@ -157,7 +157,8 @@ def train_sae(
     control = L0Controller(targets, [getattr(c, sae.sparsity_param) if coefficient_arch else 1.0 for c in sae.cfgs],
                            start_step=round(train.sparsity_warmup_fraction * total_steps),
                            stop_step=total_steps - round(train.l0_control.freeze_fraction * total_steps),
-                           gain=train.l0_control.gain)
+                           gain=train.l0_control.gain, patience_steps=train.l0_control.patience_steps,
+                           patience_change=train.l0_control.patience_change)
     n_stack, same_lr = sae.n_stack, len(set(lrs)) == 1
     opt = Adam(sae.parameters(), lr=lrs[0] if same_lr else lrs, betas=betas, n_stack=n_stack)
     if resume is not None:

@@ -21,9 +21,13 @@ L0 0.7 -> 0.08 of d_sae over a run) is above 0.2 * d_sae for half of it, while o
 is far too weak gets denser. Stops need evidence over time, so a run whose only log step is its
 last (short tests) is never stopped for density or FVU, only flagged.
 
-A verdict only gets worse ("ok" -> "warn" -> "stopped"). Each reason is one line naming the
-check, the figure and the tokens seen, e.g. "dense: L0 0.31·d_sae at 40,960 tokens (...)"; a
-warning keeps the figure of the last time its check fired, a stop is recorded once.
+A stop is final. A "dense" or "dead" warning holds while its condition does: a later log step
+below the level (for dense: at full penalty) clears it, and the verdict goes back to "ok" when
+no reason is left, so the verdict describes the SAE as it ended (an L1 SAE's dense phase early in
+the run is normal, and a target-L0 SAE passes through one while its coefficient climbs). Each
+reason is one line naming the check, the figure and the tokens seen, e.g. "dense: L0 0.31·d_sae
+at 40,960 tokens (...)"; a warning keeps the figure of the last time its check fired, a stop is
+recorded once.
 """
 
 from __future__ import annotations
@@ -88,6 +92,8 @@ class Monitor:
             self._dense_since[k] = None
         if full and l0 > cfg.warn_l0_fraction:
             self._warn(k, "dense", f"dense: L0 {l0:.2f}·d_sae {at} (warn above {cfg.warn_l0_fraction:g})")
+        elif full:
+            self._clear(k, "dense")
         if metrics["fvu"] >= 1.0:
             since = self._fvu_since[k] = tokens if self._fvu_since[k] is None else self._fvu_since[k]
             if tokens - since >= self.warmup_tokens:
@@ -98,6 +104,8 @@ class Monitor:
             self._fvu_since[k] = None
         if metrics["dead_fraction"] > cfg.max_dead_fraction:
             self._warn(k, "dead", f"dead: {metrics['dead_fraction']:.2f} of latents dead {at}")
+        else:
+            self._clear(k, "dead")
         return self.verdicts[k]
 
     def state_dict(self) -> dict:
@@ -115,6 +123,12 @@ class Monitor:
         self.verdicts[k] = STOPPED
         self.reasons[k].append(reason)
         return STOPPED
+
+    def _clear(self, k: int, kind: str) -> None:
+        """Member k no longer shows `kind`: its warning goes, and with no reason left it is "ok" again."""
+        self.reasons[k] = [r for r in self.reasons[k] if not r.startswith(kind + ":")]
+        if self.verdicts[k] == WARN and not self.reasons[k]:
+            self.verdicts[k] = OK
 
     def _warn(self, k: int, kind: str, reason: str) -> None:
         """Flag member k. A reason of `kind` replaces the one recorded before, so it tells the latest

@@ -6,7 +6,10 @@ knob that is their L0, so the training loop runs this controller on the coeffici
 each member k, once per optimizer step:
 
     e_k     = clip(log(L0_k / target_k), -1, 1)        L0_k: mean active latents per row of the batch
-    log λ_k = log λ_k + gain * e_k                     while the control span lasts
+    log λ_k = log λ_k + gain * e_k                     while the control span lasts, unless L0_k is
+                                                       already on its way: it moved toward the target
+                                                       by more than `patience_change` over the last
+                                                       `patience_steps` steps
     span    = [end of the sparsity warmup, (1 - freeze_fraction) of the run)
 
 That is an integral controller in log space: λ grows while the SAE is denser than its target
@@ -39,7 +42,8 @@ class L0Controller:
     """
 
     def __init__(self, targets: Sequence[float | None], coefficients: Sequence[float],
-                 start_step: int, stop_step: int, gain: float):
+                 start_step: int, stop_step: int, gain: float, patience_steps: int = 10,
+                 patience_change: float = 0.05):
         if len(targets) != len(coefficients):
             raise ValueError(f"L0Controller: {len(targets)} targets for {len(coefficients)} coefficients")
         for t, c in zip(targets, coefficients):
@@ -51,6 +55,9 @@ class L0Controller:
         self.coefficients = [float(c) for c in coefficients]
         """Per member: its λ now."""
         self.start_step, self.stop_step, self.gain = start_step, stop_step, gain
+        self.patience_steps, self.patience_change = patience_steps, patience_change
+        self.history: list[list[float]] = [[] for _ in self.targets]
+        """Per member: log L0 of the last patience_steps steps controlled, oldest first."""
 
     def active(self, step: int) -> bool:
         """Whether step `step` (0-based) is inside the control span."""
@@ -62,19 +69,28 @@ class L0Controller:
         if self.active(step):
             for k, (t, v) in enumerate(zip(self.targets, l0)):
                 if t is not None:
-                    error = max(-1.0, min(1.0, math.log(max(v, 1e-3) / t)))
-                    self.coefficients[k] *= math.exp(self.gain * error)
+                    log_l0 = math.log(max(v, 1e-3))
+                    error = max(-1.0, min(1.0, log_l0 - math.log(t)))
+                    past = self.history[k]
+                    moving = (log_l0 - past[0]) * (1 if error < 0 else -1) if len(past) >= self.patience_steps else 0.0
+                    if moving <= self.patience_change:  # not already on its way to the target
+                        self.coefficients[k] *= math.exp(self.gain * error)
+                    past.append(log_l0)
+                    del past[:-self.patience_steps]
         return list(self.coefficients)
 
     def keep(self, members: Sequence[int]) -> None:
         """Only the members at these positions go on (the monitor stopped the others)."""
         self.targets = [self.targets[i] for i in members]
         self.coefficients = [self.coefficients[i] for i in members]
+        self.history = [self.history[i] for i in members]
 
     def state_dict(self) -> dict:
         """Plain JSON: what a checkpoint keeps."""
-        return {"targets": list(self.targets), "coefficients": list(self.coefficients)}
+        return {"targets": list(self.targets), "coefficients": list(self.coefficients),
+                "history": [list(h) for h in self.history]}
 
     def load_state_dict(self, state: dict) -> None:
         self.targets = list(state["targets"])
         self.coefficients = [float(c) for c in state["coefficients"]]
+        self.history = [list(h) for h in state["history"]]
