@@ -98,7 +98,7 @@ class MonitorConfig(Section):
 class L0ControlConfig(Section):
     """The L0 controller of target-L0 runs (`sae_ray.train.target`): each step, log λ += gain * clip(log(L0 / target), -1, 1)."""
 
-    gain: float = Field(0.03, gt=0, le=1, description="Step size in log λ per optimizer step at an L0 e times off target (our choice: λ can change by e^3 in 100 steps, enough for runs of a few hundred steps; on the synthetic problem of the tests 0.05 overshot JumpReLU's L0 by half and landed 16% low, 0.03 landed within 5%).")
+    gain: float = Field(0.03, gt=0, le=1, description="Step size in log λ per optimizer step at an L0 e times off target (our choice: λ can change by e^3 in 100 steps, enough for runs of a few hundred steps; on the synthetic problem of the tests 0.05 overshot JumpReLU's L0 by half and landed 16% low, 0.03 landed within 10%).")
     patience_steps: int = Field(10, gt=0, description="Steps over which the controller looks at how the L0 moved: while an SAE's L0 is already moving toward its target by more than patience_change (in log L0) over this many steps, λ is left alone. An L1 SAE's L0 falls steeply on its own early in a run; raising λ through that dense phase made the quickstart's ReLU+L1 overshoot to half its target. 10 and 0.05 are our choices.")
     patience_change: float = Field(0.05, ge=0, description="See patience_steps: the move in log L0 (0.05: about 5%) that counts as already on its way.")
     freeze_fraction: float = Field(0.1, ge=0, lt=1, description="Share of the run, at its end, with λ frozen: the SAE settles under a fixed objective while the lr decays (our choice: with 0.2 JumpReLU's L0 drifted 25% under target after the freeze on the synthetic problem of the tests; 0.1 kept every architecture within 10%).")
