@@ -6,10 +6,19 @@ import sys
 from pathlib import Path
 
 import pytest
+import ray
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny_models import KINDS, make_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A real local Ray of 2 CPUs for one test module (`address="local"`: never a cluster found nearby)."""
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -62,7 +62,8 @@ def test_a_resumed_loop_ends_where_the_uninterrupted_one_ends(tmp_path, arch, ta
     assert resumed.tokens_seen == whole.tokens_seen == B * 100 and resumed.step == whole.step
     assert resumed.members == whole.members and resumed.verdicts == whole.verdicts
     assert resumed.member_tokens == whole.member_tokens
-    assert resumed.coefficients == pytest.approx(whole.coefficients) if targets else True
+    if targets:  # the controller's coefficients
+        assert resumed.coefficients == pytest.approx(whole.coefficients)
     for name, value in whole.sae.state_dict().items():
         torch.testing.assert_close(resumed.sae.state_dict()[name], value, msg=name)
     torch.testing.assert_close(resumed.sae.tokens_since_fired, whole.sae.tokens_since_fired)

@@ -27,13 +27,6 @@ from tiny_models import write_jsonl
 DELAY = 0.06  # producers.debug_delay_s: seconds per document read and between writing and committing a shard
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def make_config(workdir, model_dir, data, count=2, debug_delay_s=0.0):
     return validate_config({
         "name": "crash", "workdir": str(workdir), "model": {"name": model_dir},

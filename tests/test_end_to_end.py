@@ -4,7 +4,6 @@ from collections import Counter
 
 import numpy as np
 import pytest
-import ray
 import yaml
 from transformers import AutoTokenizer
 
@@ -18,13 +17,6 @@ from sae_ray.preflight import preflight
 from sae_ray.sae import ARCHITECTURES
 from sae_ray.sweep import run_sweep
 from tiny_models import write_jsonl
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 ALL_ARCHITECTURES = ["standard", "topk", "batchtopk", "jumprelu", "gated", "matryoshka"]

@@ -24,6 +24,8 @@ from test_end_to_end import sweep_config, write_jsonl
 
 @pytest.fixture
 def local_ray():
+    """Per test, unlike conftest's per module: the driver drill starts its own Ray in a
+    subprocess, which must not share the two cores with one this process still holds."""
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
@@ -144,3 +146,8 @@ def test_resuming_with_a_config_that_changed_what_the_trials_train_is_refused_by
     assert open_sweep(changed, fresh=True) is None
     write_record(cfg, "finished", "parent", "tune/path")
     assert open_sweep(changed, fresh=False) is None  # a finished sweep is not resumed: a rerun is a new sweep
+    record = tmp_path / "work" / "sweeps" / "e2e.json"
+    record.write_text("{not json")
+    with pytest.raises(SweepError, match=f"sweep record {record} is damaged"):
+        open_sweep(cfg, fresh=False)
+    assert open_sweep(cfg, fresh=True) is None

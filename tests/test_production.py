@@ -20,13 +20,6 @@ HOOK = "blocks.1.hook_resid_post"
 # ----------------------------------------------------------------------------- with Ray
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def cache_config(tmp_path, model_dir, data, **changes):
     raw = {
         "name": "cache", "workdir": str(tmp_path / "work"), "model": {"name": model_dir},

@@ -28,13 +28,6 @@ D_IN = 32  # the tiny gpt2's width
 WINDOW_SHARDS = 8  # what the window holds at least (uncompressed shards; compressed ones are smaller)
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def window_config(workdir, model_dir, data, **changes):
     """3 topk stacks (one SAE each) over a buffer of ~35 shards of 128 rows, a window of 8 of them."""
     raw = {

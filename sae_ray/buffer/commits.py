@@ -225,6 +225,16 @@ class CommitLog:
         else:
             fs.pipe_file(target, json.dumps(record).encode())
 
+    def _progress_files(self) -> tuple[Any, list[str]]:
+        """(filesystem, the reader progress files, sorted), listed afresh (no cached listing)."""
+        fs, _ = self._fs()
+        folder = self._progress_dir()
+        fs.invalidate_cache(folder)
+        try:
+            return fs, sorted(p for p in fs.ls(folder, detail=False) if p.endswith(".json"))
+        except FileNotFoundError:
+            return fs, []
+
     def reader_progress(self) -> dict[str, set[int]]:
         """{reader_id: shards it has passed in its current epoch}, from ``<buffer>/readers/*.json``."""
         return {rid: state["passed"] for rid, state in self.reader_states().items()}
@@ -232,15 +242,9 @@ class CommitLog:
     def reader_states(self) -> dict[str, dict[str, Any]]:
         """{reader_id: {"passed": set, "done": bool, "waiting": bool, "seen": set | None}}: what each
         reader last recorded (``write_reader_progress``); an unreadable file is skipped with a warning."""
-        fs, _ = self._fs()
-        folder = self._progress_dir()
-        fs.invalidate_cache(folder)
-        try:
-            names = [p for p in fs.ls(folder, detail=False) if p.endswith(".json")]
-        except FileNotFoundError:
-            return {}
+        fs, names = self._progress_files()
         out = {}
-        for p in sorted(names):
+        for p in names:
             try:
                 record = json.loads(fs.cat_file(p))
                 seen = record.get("seen")
@@ -256,13 +260,7 @@ class CommitLog:
         """Coordinator only: forget the progress of every reader not in ``keep`` (a new production
         run: a reader of an earlier one that will not read again would otherwise hold shards forever)."""
         keep = {f"{r}.json" for r in keep}
-        fs, _ = self._fs()
-        folder = self._progress_dir()
-        fs.invalidate_cache(folder)
-        try:
-            names = [p for p in fs.ls(folder, detail=False) if p.endswith(".json")]
-        except FileNotFoundError:
-            return
+        fs, names = self._progress_files()
         for p in names:
             if p.rsplit("/", 1)[-1] in keep:
                 continue

@@ -46,15 +46,29 @@ def what_matters(cfg: RunConfig) -> dict[str, Any]:
     return {k: v for k, v in flat.items() if not any(k == f or k.startswith(f + ".") for f in IGNORED)}
 
 
+def _read(path: Path) -> dict[str, Any] | None:
+    """The sweep record at `path` (None if there is none); SweepError naming it if it is damaged."""
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+            raise ValueError("not a sweep record")
+        return record
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SweepError(f"sweep record {path} is damaged ({e}): delete it, or run with --fresh "
+                         "(a new sweep; the old runs and checkpoints stay where they are)") from None
+
+
 def open_sweep(cfg: RunConfig, fresh: bool) -> dict[str, Any] | None:
     """The record of an unfinished sweep this run resumes, or None for a new sweep. SweepError
     when the unfinished sweep's config differs in a field that matters (and not `fresh`)."""
+    if fresh:
+        return None
+    record = _read(record_path(cfg))
+    if record is None or record.get("status") != "running":
+        return None
     path = record_path(cfg)
-    if fresh or not path.is_file():
-        return None
-    record = json.loads(path.read_text())
-    if record.get("status") != "running":
-        return None
     old, new = record["config"], what_matters(cfg)
     changed = sorted(k for k in set(old) | set(new) if old.get(k, "<absent>") != new.get(k, "<absent>"))
     if changed:
@@ -77,8 +91,8 @@ def write_record(cfg: RunConfig, status: str, parent_run_id: str, tune_path: str
 
 def unfinished(cfg: RunConfig) -> dict[str, Any] | None:
     """The record of this sweep if it did not finish (whatever its config), else None."""
-    path = record_path(cfg)
-    if not path.is_file():
+    try:
+        record = _read(record_path(cfg))
+    except SweepError:  # --fresh over a damaged record: nothing to close
         return None
-    record = json.loads(path.read_text())
-    return record if record.get("status") == "running" else None
+    return record if record is not None and record.get("status") == "running" else None

@@ -172,7 +172,7 @@ def _finals(metrics: dict[str, Any], n: int) -> list[dict[str, Any]]:
     tokens = int(metrics.get("tokens") or 0)
     return [{"l0": None, "fvu": None, "dead_fraction": None, "tokens_seen": tokens, "train_tokens_per_s": None,
              "verdict": "stopped", "reasons": f"scheduler: trailing at {tokens:,} tokens", "target_l0": None,
-             "coefficient": None, "registered_version": "", "mlflow_run_id": ""}] * n
+             "coefficient": None, "registered_version": "", "mlflow_run_id": ""} for _ in range(n)]
 
 
 def error_line(error: BaseException) -> str:
