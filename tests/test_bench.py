@@ -202,14 +202,18 @@ def test_format_table_marks_target_rows():
 
 def test_speed_bench_runs_end_to_end(capsys):
     code = run_cli(["bench", "train", "--d-in", "16", "--d-sae", "64", "--batch-size", "128", "--steps", "1",
-                    "--stack", "2", "--repeats", "1", "--device", "cpu", "--return-freed-memory"])
+                    "--stack", "2", "--repeats", "1", "--device", "cpu", "--return-freed-memory",
+                    "--decoder-d-sae", "512,1024", "--rounds", "2"])
     out = capsys.readouterr().out
     assert code == 0
     assert re.search(r"torch threads \d+", out) and "freed memory handed back to the kernel" in out
-    assert re.search(r"all six \(the step's matmuls alone\): [\d.]+ GFLOP/s", out)
+    assert re.search(r"all five \(the step's matmuls alone\): [\d.]+ GFLOP/s", out)
     for arch in ("topk", "standard"):
         assert re.search(rf"^\s+{arch}\s+[\d,]+ tokens/s .* = \d+\.\d\d x matmul FLOP/s$", out, re.M)
-    assert len(re.findall(r"^\s+round \d \((separate|stack) first\): .*: \d+\.\d\dx$", out, re.M)) == 3
+    # the decoder part: topk only (standard has no sparse form), at both sizes
+    decoder = re.findall(r"^\s+(\w+)\s+d_sae\s+(\d+): sparse\s+[\d,]+ tokens/s, dense\s+[\d,]+ tokens/s: \d+\.\d\dx", out, re.M)
+    assert decoder == [("topk", "512"), ("topk", "1024")]
+    assert len(re.findall(r"^\s+round \d \((separate|stack) first\): .*: \d+\.\d\dx$", out, re.M)) == 2
     assert re.search(r"stack / separate: \d+\.\d\dx tokens/s per SAE \(median .*; range \d+\.\d\d-\d+\.\d\d\)", out)
 
 

@@ -1,20 +1,22 @@
-"""Training speed: how close a training step comes to this machine's matmul speed, and
-what a stack of K SAEs gains over K separate ones. Everything is measured in one run.
+"""Training speed: how close a training step comes to this machine's matmul speed, what the
+sparse decoder of the k-sparse architectures gains over the dense one, and what a stack of K
+SAEs gains over K separate ones. Everything is measured in one run.
 
-FLOPs of one training step of one SAE, x [B, n], n = d_in, m = d_sae, counted as the six
-dense matmuls the step does (each 2*B*n*m FLOPs, 12*B*n*m in all):
+FLOPs of one training step of one SAE, x [B, n], n = d_in, m = d_sae, counted as the five
+dense matmuls of the dense step (each 2*B*n*m FLOPs, 10*B*n*m in all):
 
     forward    pre   = (x - b_dec) @ W_enc           [B, n] @ [n, m]
                x_hat = f @ W_dec                     [B, m] @ [m, n]
     backward   dW_dec = f^T @ dx_hat                 [m, B] @ [B, n]
                df     = dx_hat @ W_dec^T             [B, n] @ [n, m]
                dW_enc = (x - b_dec)^T @ dpre         [n, B] @ [B, m]
-               d(x - b_dec) = dpre @ W_enc^T         [B, m] @ [m, n]   (b_dec gets a gradient
-                                                                        through the encoder input)
 
+(b_dec's gradient through the encoder input is a vector product, `SAE.centred_encode`.)
 Elementwise work (activation, loss, Adam, decoder renorm) is not counted: it is the
-overhead the fraction shows. Architectures with more matmuls than these six (e.g. gated's
+overhead the fraction shows. Architectures with more matmuls than these (e.g. gated's
 auxiliary reconstruction) do more work than counted, so their fraction is a lower bound.
+The sparse decoder (`sae_ray.sae.sparse`) replaces the three decoder matmuls by sums over
+the k active latents of each row; its step is compared with the dense step in tokens/s.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def sync(device: torch.device) -> None:
 
 
 def step_matmuls(batch: int, d_in: int, d_sae: int) -> list[tuple[str, tuple[int, int], tuple[int, int], bool, bool]]:
-    """The six matmuls of a training step: (name, a_shape, b_shape, a_transposed, b_transposed).
+    """The five matmuls of a dense training step: (name, a_shape, b_shape, a_transposed, b_transposed).
     a_shape/b_shape are the stored tensors; transposed means the step multiplies by a
     transposed view (a.T / b.T), as autograd does."""
     B, n, m = batch, d_in, d_sae
@@ -44,18 +46,17 @@ def step_matmuls(batch: int, d_in: int, d_sae: int) -> list[tuple[str, tuple[int
         ("dec bwd  f^T @ dx_hat", (B, m), (B, n), True, False),
         ("dec bwd  dx_hat @ W_dec^T", (B, n), (m, n), False, True),
         ("enc bwd  (x-b_dec)^T @ dpre", (B, n), (B, m), True, False),
-        ("enc bwd  dpre @ W_enc^T", (B, m), (n, m), False, True),
     ]
 
 
 def step_flops(batch: int, d_in: int, d_sae: int) -> float:
-    """FLOPs of one SAE's training step, counted as its six dense matmuls: 12 * B * d_in * d_sae."""
-    return 12.0 * batch * d_in * d_sae
+    """FLOPs of one SAE's training step, counted as its five dense matmuls: 10 * B * d_in * d_sae."""
+    return 10.0 * batch * d_in * d_sae
 
 
 def time_matmuls(batch: int, d_in: int, d_sae: int, dtype: torch.dtype, device: torch.device,
                  repeats: int = 5, warmup: int = 2) -> list[tuple[str, float, float]]:
-    """Each of the step's six matmuls on its own with `torch.mm` (warmed up, median of
+    """Each of the step's five matmuls on its own with `torch.mm` (warmed up, median of
     `repeats`): a list of (name, seconds, FLOP/s)."""
     out = []
     for name, a_shape, b_shape, a_t, b_t in step_matmuls(batch, d_in, d_sae):
@@ -109,20 +110,39 @@ def time_training(sae, x: Tensor, steps: int, warmup: int) -> float:
     return (end - marks[warmup]) / steps
 
 
+def side_by_side(first, second, rounds: int) -> tuple[list[float], list[float]]:
+    """Time two measurements (functions returning seconds) `rounds` times, alternating which goes
+    first: on CPU a side measured right after the other can be 10-20% slower (the allocator's
+    state), so one round alone can favour either side. Returns (first's, second's) seconds."""
+    a, b = [], []
+    for r in range(max(1, rounds)):
+        if r % 2 == 0:
+            a.append(first())
+            b.append(second())
+        else:
+            b.append(second())
+            a.append(first())
+    return a, b
+
+
 def run_speed(d_in: int = 768, d_sae: int = 6144, batch: int = 4096,
               architectures: list[str] | None = None, steps: int = 2, warmup: int = 1,
               stack: int = 8, repeats: int = 5, device: str = "auto", seed: int = 0, rounds: int = 3,
-              keep_memory: bool = True, log=print) -> dict:
-    """The three measurements, printed as they come (through `log`) and returned:
+              keep_memory: bool = True, decoder_d_sae: list[int] | None = None, log=print) -> dict:
+    """The four measurements, printed as they come (through `log`) and returned:
     {"threads", "device", "matmul_flops", "matmuls": [(name, s, flop/s)],
-     "single": {arch: {"tokens_per_s", "flops", "fraction"}},
+     "single": {arch: {"tokens_per_s", "flops", "fraction"}}            (the dense step),
+     "decoder": [{"architecture", "d_sae", "sparse_tokens_per_s", "dense_tokens_per_s", "ratio",
+                  "round_ratios"}]                                       (k-sparse architectures),
      "stack": {"architecture", "k", "stack_tokens_per_s", "separate_tokens_per_s", "ratio", "round_ratios"} or None}.
-    The stack part uses the first architecture; stack=0 skips it. It runs
-    `rounds` rounds, each timing both sides on fresh SAEs, and reports medians.
+    The decoder part times each k-sparse architecture of `architectures` at each d_sae of
+    `decoder_d_sae` (default [d_sae]; [] skips it). The stack part uses the first architecture
+    (with its default decoder); stack=0 skips it. Both run `rounds` rounds, each timing both
+    sides on fresh SAEs, and report medians.
     keep_memory: on CPU, keep freed memory in this process for reuse, as a sweep's trials do
     (`TrainConfig.keep_freed_memory`, `sae_ray.train.memory`); it is process-wide and for good."""
-    from sae_ray.sae import ARCHITECTURES, SAEConfig, create_sae
     from sae_ray.devices import pick_device
+    from sae_ray.sae import ARCHITECTURES, SAE, SAEConfig, create_sae
     from sae_ray.train.memory import keep_freed_memory
 
     log = log or (lambda s: None)
@@ -149,14 +169,16 @@ def run_speed(d_in: int = 768, d_sae: int = 6144, batch: int = 4096,
     log(f"\n1. matmul FLOP/s, torch.mm {str(dtype).removeprefix('torch.')}, median of {repeats}:")
     for name, s, fl in mms:
         log(f"   {name:<30} {fl / 1e9:8.1f} GFLOP/s")
-    log(f"   all six (the step's matmuls alone): {peak / 1e9:.1f} GFLOP/s = {mm_seconds * 1e3:.1f} ms per step")
+    log(f"   all five (the step's matmuls alone): {peak / 1e9:.1f} GFLOP/s = {mm_seconds * 1e3:.1f} ms per step")
 
     # 2. a full training step of one SAE
     x = torch.randn(batch, d_in, device=dev)
     result["single"] = {}
-    log("\n2. training step of one SAE (train_sae: forward, backward, pre_step, clip, Adam, post_step):")
+    log("\n2. training step of one SAE, dense decoder (train_sae: forward, backward, pre_step, clip, Adam, "
+        "post_step):")
     for arch in architectures:
         sae = create_sae(SAEConfig(architecture=arch, d_in=d_in, d_sae=d_sae, **sparsity_setting(arch))).to(dev)
+        sae.sparse_decoding = False
         seconds = time_training(sae, x, steps, warmup)
         flops = step_flops(batch, d_in, d_sae) / seconds
         result["single"][arch] = {"tokens_per_s": batch / seconds, "flops": flops, "fraction": flops / peak}
@@ -164,14 +186,45 @@ def run_speed(d_in: int = 768, d_sae: int = 6144, batch: int = 4096,
             f"{flops / 1e9:7.1f} GFLOP/s = {flops / peak:.2f} x matmul FLOP/s")
         del sae
 
-    # 3. a stack of K against K separate SAEs
+    # 3. the sparse decoder against the dense one, for the k-sparse architectures
+    result["decoder"] = []
+    sizes = [d_sae] if decoder_d_sae is None else decoder_d_sae
+    k_sparse = [a for a in architectures if ARCHITECTURES[a].sparse_activation is not SAE.sparse_activation]
+    if not sizes or not k_sparse:
+        log("\n3. sparse decoder: skipped (" + ("--decoder-d-sae ''" if not sizes else
+                                               "no k-sparse architecture in --architectures") + ")")
+    else:
+        log(f"\n3. sparse decoder against the dense one (k {sparsity_setting(k_sparse[0])['k']}), one SAE, "
+            f"{rounds} round(s):")
+    for arch in k_sparse if sizes else []:
+        for m in sizes:
+            cfg = SAEConfig(architecture=arch, d_in=d_in, d_sae=m, **sparsity_setting(arch))
+
+            def timed(sparse: bool) -> float:
+                sae = create_sae(cfg).to(dev)
+                sae.sparse_decoding = sparse
+                seconds = time_training(sae, x, steps, warmup)
+                del sae
+                return seconds
+
+            sparse_s, dense_s = side_by_side(lambda: timed(True), lambda: timed(False), rounds)
+            ratios = [d / sp for sp, d in zip(sparse_s, dense_s)]
+            row = {"architecture": arch, "d_sae": m, "sparse_tokens_per_s": batch / statistics.median(sparse_s),
+                   "dense_tokens_per_s": batch / statistics.median(dense_s), "ratio": statistics.median(ratios),
+                   "round_ratios": ratios}
+            result["decoder"].append(row)
+            log(f"   {arch:<10} d_sae {m:>6}: sparse {row['sparse_tokens_per_s']:9,.0f} tokens/s, dense "
+                f"{row['dense_tokens_per_s']:9,.0f} tokens/s: {row['ratio']:.2f}x (median of the rounds' ratios; "
+                f"range {min(ratios):.2f}-{max(ratios):.2f})")
+
+    # 4. a stack of K against K separate SAEs
     result["stack"] = None
     arch = architectures[0]
     if stack < 1:
-        log("\n3. stack: skipped (--stack 0)")
+        log("\n4. stack: skipped (--stack 0)")
         return result
     cfgs = [SAEConfig(architecture=arch, d_in=d_in, d_sae=d_sae, **sparsity_setting(arch)) for _ in range(stack)]
-    log(f"\n3. {arch}: a stack of {stack} against {stack} separate SAEs on the same batch "
+    log(f"\n4. {arch}: a stack of {stack} against {stack} separate SAEs on the same batch "
         f"(tokens/s each SAE trains at when all {stack} train), {rounds} round(s):")
 
     def time_separate() -> float:
@@ -188,19 +241,10 @@ def run_speed(d_in: int = 768, d_sae: int = 6144, batch: int = 4096,
         del stacked
         return seconds
 
-    # Rounds alternate which side goes first: on CPU a side measured right after the other can be
-    # 10-20% slower (the allocator's state), so one round alone can favour either side.
-    separate_s, stack_s = [], []
-    for r in range(max(1, rounds)):
-        if r % 2 == 0:
-            separate_s.append(time_separate())
-            stack_s.append(time_stack())
-        else:
-            stack_s.append(time_stack())
-            separate_s.append(time_separate())
+    separate_s, stack_s = side_by_side(time_separate, time_stack, rounds)
+    for r, (a, b) in enumerate(zip(separate_s, stack_s)):
         log(f"   round {r + 1} ({'separate first' if r % 2 == 0 else 'stack first'}): separate "
-            f"{separate_s[-1] * 1e3:8.1f} ms, stack {stack_s[-1] * 1e3:8.1f} ms per step of all {stack}: "
-            f"{separate_s[-1] / stack_s[-1]:.2f}x")
+            f"{a * 1e3:8.1f} ms, stack {b * 1e3:8.1f} ms per step of all {stack}: {a / b:.2f}x")
     separate, stacked_s = statistics.median(separate_s), statistics.median(stack_s)
     ratios = [a / b for a, b in zip(separate_s, stack_s)]
     flops = stack * step_flops(batch, d_in, d_sae)

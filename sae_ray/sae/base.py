@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from sae_ray.eval import metrics
 from sae_ray.dtypes import torch_dtype
 from sae_ray.sae.config import SPARSITY_PARAMS, SAEConfig, SAEOutput
+from sae_ray.sae.sparse import SparseLatents, pays
 
 __all__ = ["ARCHITECTURES", "SAE", "SAEConfig", "SAEOutput", "create_sae", "member_views",
            "register"]
@@ -69,10 +70,10 @@ class SAE(nn.Module):
     adam_betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
     """Adam betas the training loop uses for this architecture unless told otherwise."""
     knobs: ClassVar[tuple[str, ...]] = ("decoder_init_norm",)
+    """The cfg.extra keys this architecture reads (a sweep's `sae.extra` may set only these)."""
     target_start: ClassVar[float] = 1.0
     """Coefficient architectures: the λ a target-L0 run starts from; the L0 controller
     (`sae_ray.train.target`) moves it during training."""
-    """The cfg.extra keys this architecture reads (a sweep's `sae.extra` may set only these)."""
     saved_architecture: ClassVar[str | None] = None
     """The architecture cfg.json names for SAELens when it is not `architecture`
     (BatchTopK is saved as "jumprelu"); our own name is kept in cfg.json's "sae_ray"."""
@@ -87,6 +88,11 @@ class SAE(nn.Module):
         """K for a stack; None for a single SAE."""
         self.sparsity_scale = 1.0
         """Multiplies the sparsity penalty; set by the training loop for warmup."""
+        self.sparse_decoding = True
+        """Decode from the active latents alone where the architecture has a sparse form
+        (`sparse_activation`: TopK, BatchTopK, Matryoshka, and every AuxK loss) and it pays
+        (`sae_ray.sae.sparse.pays`: k <= d_sae / 16); False: the dense f @ W_dec everywhere,
+        the reference the sparse path is tested against."""
         self.dead_tokens: int | None = None
         """Tokens without firing after which a latent is dead (one value for a stack); set by
         the training loop from `train.dead_tokens`. None: no latent is dead."""
@@ -163,11 +169,21 @@ class SAE(nn.Module):
             x = x.expand(self.n_stack, *x.shape)
         return torch.baddbmm(b.unsqueeze(-2), x, W)
 
+    def centred_encode(self, x: Tensor, b: Tensor | None) -> Tensor:
+        """(x - b_dec) @ W_enc + b: x [B, d_in], b [(K,) d_sae] or None (no bias) -> [(K,) B, d_sae].
+
+        b_dec's gradient through this, -(sum_b dpre) @ W_enc^T, is computed as a vector product.
+        Autograd through (x - b_dec) would spend a full [B, d_sae] @ [d_sae, d_in] matmul on it, a
+        sixth of a dense training step. The value is the same: b_dec - b_dec.detach() is exactly 0."""
+        fixed = self.b_dec.detach()
+        shift = ((self.b_dec - fixed).unsqueeze(-2) @ self.W_enc).squeeze(-2)  # zeros [(K,) d_sae]
+        x = x.to(self.W_enc.dtype)
+        centred = x - (fixed if self.n_stack is None else fixed.unsqueeze(-2))
+        return self.affine(centred, self.W_enc, -shift if b is None else b - shift)
+
     def pre_acts(self, x: Tensor) -> Tensor:
         """x [B, d_in] -> [B, d_sae] ([K, B, d_sae] for a stack): (x - b_dec) @ W_enc + b_enc."""
-        x = x.to(self.W_enc.dtype)
-        b_dec = self.b_dec if self.n_stack is None else self.b_dec.unsqueeze(-2)
-        return self.affine(x - b_dec, self.W_enc, self.b_enc)
+        return self.centred_encode(x, self.b_enc)
 
     def activation(self, pre: Tensor) -> Tensor:
         """[B, d_sae] pre-activations -> [B, d_sae] latents (with a leading K for a stack)."""
@@ -181,19 +197,34 @@ class SAE(nn.Module):
         """f [B, d_sae] ([K, B, d_sae] for a stack) -> [B, d_in] ([K, B, d_in]): f @ W_dec + b_dec."""
         return self.affine(f, self.W_dec, self.b_dec)
 
-    def aux_losses(self, x: Tensor, pre: Tensor, f: Tensor, x_hat: Tensor) -> dict[str, Tensor]:
+    def sparse_activation(self, pre: Tensor) -> SparseLatents | None:
+        """[(K,) B, d_sae] pre-activations -> the active latents as (indices, values), for the
+        sparse decoder; the same latents as `activation`. None (the default): no sparse form."""
+        return None
+
+    def aux_losses(self, x: Tensor, pre: Tensor, f: Tensor, x_hat: Tensor,
+                   active: SparseLatents | None = None) -> dict[str, Tensor]:
         """Extra weighted loss terms, scalar ([K] for a stack). x [B, d_in];
-        pre, f [B, d_sae]; x_hat [B, d_in] (pre, f, x_hat with a leading K for a stack)."""
+        pre, f [B, d_sae]; x_hat [B, d_in] (pre, f, x_hat with a leading K for a stack);
+        active: f's active latents when this batch decoded sparsely, else None."""
         return {}
 
     def forward(self, x: Tensor) -> SAEOutput:
-        """x [B, d_in] -> SAEOutput. In training mode also calls `observe` (firing counts)."""
+        """x [B, d_in] -> SAEOutput. In training mode also calls `observe` (firing counts).
+        With `sparse_decoding` on and a sparse form of the latents (`sparse_activation`), x_hat
+        is decoded from it (`SparseLatents.decode`); otherwise as the dense f @ W_dec + b_dec."""
         x = x.to(self.W_enc.dtype)
         pre = self.pre_acts(x)
-        f = self.activation(pre)
-        x_hat = self.decode(f)
+        active = self.sparse_activation(pre) if self.sparse_decoding else None
+        if active is None:
+            f = self.activation(pre)
+            x_hat = self.decode(f)
+        else:
+            f = active.dense()
+            b_dec = self.b_dec if self.n_stack is None else self.b_dec.unsqueeze(-2)
+            x_hat = active.decode(self.W_dec) + b_dec
         mse = (x_hat - x).pow(2).sum(-1).mean(-1)
-        aux = self.aux_losses(x, pre, f, x_hat)  # sees the dead mask from before this batch
+        aux = self.aux_losses(x, pre, f, x_hat, active)  # sees the dead mask from before this batch
         loss = mse + sum(aux.values())
         if self.training:
             self.observe(pre, f)
@@ -256,9 +287,12 @@ class SAE(nn.Module):
         top = pre.masked_fill(~dead, -torch.inf).topk(min(self.k_aux, most), dim=-1, sorted=False)
         # a member with fewer dead latents than that picked some live ones (at -inf): drop them
         values = top.values.masked_fill(top.values == -torch.inf, 0)
-        z = torch.zeros_like(pre).scatter_(-1, top.indices, values)
+        if self.sparse_decoding and pays(self.k_aux, self.cfg.d_sae):
+            z_dec = SparseLatents(top.indices, values, pre.shape).decode(self.W_dec)
+        else:
+            z_dec = torch.zeros_like(pre).scatter_(-1, top.indices, values) @ self.W_dec
         e = (x - x_hat).detach()
-        auxk = (z @ self.W_dec - e).pow(2).sum(-1).mean(-1)
+        auxk = (z_dec - e).pow(2).sum(-1).mean(-1)
         scale = (n_dead.to(auxk.dtype) / self.k_aux).clamp(max=1.0)
         return self.auxk_coefficient * scale * auxk
 

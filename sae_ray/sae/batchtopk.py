@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from sae_ray.sae.base import SAEConfig, register
+from sae_ray.sae.sparse import SparseLatents, pays, top_k
 from sae_ray.sae.topk import TopKSAE, top_k_relu
 
 
@@ -54,6 +55,18 @@ class BatchTopKSAE(TopKSAE):
         n = pre.shape[-2]
         k = self.k * n if isinstance(self.k, int) else (self.k * n).unsqueeze(-1)
         return top_k_relu(flat, k, self.k_max * n).view_as(pre)
+
+    def sparse_activation(self, pre: Tensor) -> SparseLatents | None:
+        """Training: the same latents as `activation`, in flat form [(K,) k_max * B]; eval: None
+        (the JumpReLU keeps a varying number per row, so it decodes densely); None too where k_max
+        is too large a share of d_sae for sparse decoding to pay (`sparse.pays`)."""
+        if not self.training or not pays(self.k_max, self.cfg.d_sae):
+            return None
+        n = pre.shape[-2]
+        k = self.k * n if isinstance(self.k, int) else (self.k * n).unsqueeze(-1)
+        indices, values = top_k(pre.flatten(-2), k, self.k_max * n)
+        indices, order = indices.sort(dim=-1)
+        return SparseLatents(indices, values.gather(-1, order), pre.shape)
 
     def jump(self, pre: Tensor) -> Tensor:
         """[(K,) B, d_sae] -> same: pre * 1[pre > θ], θ in the parameters' dtype (as when saved)."""

@@ -61,8 +61,7 @@ class GatedSAE(SAE):
 
     def pre_acts(self, x: Tensor) -> Tensor:
         """x [B, d_in] -> h [(K,) B, d_sae]: (x - b_dec) @ W_enc, before either path's bias."""
-        x = x.to(self.W_enc.dtype)
-        return (x - self._bias(self.b_dec)) @ self.W_enc
+        return self.centred_encode(x, None)
 
     def activation(self, pre: Tensor) -> Tensor:
         """h [(K,) B, d_sae] -> f = 1[π_gate > 0] * ReLU(π_mag), same shape."""
@@ -70,7 +69,7 @@ class GatedSAE(SAE):
         mag = pre * self._bias(self.r_mag).exp() + self._bias(self.b_mag)
         return gate * mag.relu()
 
-    def aux_losses(self, x: Tensor, pre: Tensor, f: Tensor, x_hat: Tensor) -> dict[str, Tensor]:
+    def aux_losses(self, x: Tensor, pre: Tensor, f: Tensor, x_hat: Tensor, active=None) -> dict[str, Tensor]:
         """{"l1": ..., "aux": ...}; x [B, d_in]; pre = h, f [(K,) B, d_sae]."""
         gate = (pre + self._bias(self.b_gate)).relu()
         l1 = (gate @ self.W_dec.norm(dim=-1).unsqueeze(-1)).squeeze(-1).mean(-1)

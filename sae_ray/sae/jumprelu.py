@@ -144,7 +144,7 @@ class JumpReLUSAE(SAE):
         theta, eps = self._theta_eps()
         return JumpReLUFunction.apply(pre, theta, eps)
 
-    def aux_losses(self, x: Tensor, pre: Tensor, f: Tensor, x_hat: Tensor) -> dict[str, Tensor]:
+    def aux_losses(self, x: Tensor, pre: Tensor, f: Tensor, x_hat: Tensor, active=None) -> dict[str, Tensor]:
         """{"l0": the weighted L0 penalty, "pre_act" and "auxk": the dead-latent losses (each
         only when its coefficient is set)}; pre [(K,) B, d_sae]; each scalar ([K] for a stack)."""
         theta, eps = self._theta_eps()

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from sae_ray.sae.base import SAEConfig, register
 from sae_ray.sae.batchtopk import BatchTopKSAE
+from sae_ray.sae.sparse import SparseLatents
 
 
 def default_prefixes(d_sae: int) -> list[int]:
@@ -60,12 +61,18 @@ class MatryoshkaSAE(BatchTopKSAE):
         self.prefixes = prefixes
         """Nested dictionary sizes, increasing, the last d_sae."""
 
-    def aux_losses(self, x: Tensor, pre: Tensor, f: Tensor, x_hat: Tensor) -> dict[str, Tensor]:
+    def aux_losses(self, x: Tensor, pre: Tensor, f: Tensor, x_hat: Tensor,
+                   active: SparseLatents | None = None) -> dict[str, Tensor]:
         """{"mse_prefix_<m>": ... for each prefix m < d_sae, "auxk": ...}; scalars ([K] for a stack).
-        x [B, d_in]; pre, f [(K,) B, d_sae]; x_hat [(K,) B, d_in]."""
+        x [B, d_in]; pre, f [(K,) B, d_sae]; x_hat [(K,) B, d_in]; active: f's sparse form, if
+        this batch decoded sparsely (then each prefix decodes only its own active latents)."""
         out = {}
+        b_dec = self.b_dec if self.n_stack is None else self.b_dec.unsqueeze(-2)
         for m in self.prefixes[:-1]:
-            x_hat_m = self.affine(f[..., :m], self.W_dec[..., :m, :], self.b_dec)
+            if active is not None:
+                x_hat_m = active.decode(self.W_dec, below=m) + b_dec
+            else:
+                x_hat_m = self.affine(f[..., :m], self.W_dec[..., :m, :], self.b_dec)
             out[f"mse_prefix_{m}"] = (x_hat_m - x).pow(2).sum(-1).mean(-1)
         out["auxk"] = self.auxk_loss(x, pre, x_hat)
         return out

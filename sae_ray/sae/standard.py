@@ -44,7 +44,7 @@ class StandardSAE(SAE):
         """[(K,) B, d_sae] -> same: ReLU."""
         return pre.relu()
 
-    def aux_losses(self, x: Tensor, pre: Tensor, f: Tensor, x_hat: Tensor) -> dict[str, Tensor]:
+    def aux_losses(self, x: Tensor, pre: Tensor, f: Tensor, x_hat: Tensor, active=None) -> dict[str, Tensor]:
         """{"l1": sparsity_scale * λ * mean_b sum_i f_i ||W_dec[i]||}; f [(K,) B, d_sae]."""
         l1 = (f @ self.W_dec.norm(dim=-1).unsqueeze(-1)).squeeze(-1).mean(-1)  # sum_i f_i ||W_dec[i]||
         return {"l1": self.sparsity_scale * self.l1_coefficient * l1}

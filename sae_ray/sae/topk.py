@@ -6,23 +6,14 @@ import torch
 from torch import Tensor
 
 from sae_ray.sae.base import SAE, SAEConfig, register
+from sae_ray.sae.sparse import SparseLatents, pays, top_k
 
 
 def top_k_relu(x: Tensor, k: int | Tensor, k_max: int) -> Tensor:
-    """x [..., n] -> same shape: ReLU of the k largest entries of the last dim, zeros elsewhere.
-
-    k: an int, or an integer tensor broadcastable to x.shape[:-1] + (1,) giving each row
-    its own k <= k_max (a stack: k [K, 1, 1] against x [K, B, n]). Then the top k_max are
-    taken once, sorted, and ranks >= k dropped: the same latents as each row's own top-k.
-    """
-    if isinstance(k, int):
-        top = x.topk(k, dim=-1, sorted=False)
-        values = top.values.relu()
-    else:
-        top = x.topk(k_max, dim=-1, sorted=True)
-        keep = torch.arange(k_max, device=x.device) < k
-        values = torch.where(keep, top.values.relu(), 0)
-    return torch.zeros_like(x).scatter_(-1, top.indices, values)
+    """x [..., n] -> same shape: ReLU of the k largest entries of the last dim, zeros elsewhere
+    (`sparse.top_k` scattered into a dense tensor; k and k_max as there)."""
+    indices, values = top_k(x, k, k_max)
+    return torch.zeros_like(x).scatter_(-1, indices, values)
 
 
 @register
@@ -31,7 +22,7 @@ class TopKSAE(SAE):
 
         pre   = (x - b_dec) @ W_enc + b_enc                  [B, d_sae]
         f     = ReLU(TopK_k(pre))                            [B, d_sae], <= k nonzero per row
-        x_hat = f @ W_dec + b_dec                            [B, d_in]
+        x_hat = f @ W_dec + b_dec                            [B, d_in]   (decoded sparsely)
         e     = x - x_hat                                    (detached)
         z     = TopK_{k_aux}(pre restricted to dead latents) [B, d_sae]
         auxk  = auxk_coefficient * min(n_dead / k_aux, 1) * mean_b ||z @ W_dec - e||^2
@@ -78,6 +69,14 @@ class TopKSAE(SAE):
         k = self.k if isinstance(self.k, int) else self.per_row(self.k)
         return top_k_relu(pre, k, self.k_max)
 
-    def aux_losses(self, x: Tensor, pre: Tensor, f: Tensor, x_hat: Tensor) -> dict[str, Tensor]:
+    def sparse_activation(self, pre: Tensor) -> SparseLatents | None:
+        """[(K,) B, d_sae] -> the same latents as `activation`, in row form [(K,) B, k_max];
+        None where k_max is too large a share of d_sae for sparse decoding to pay (`sparse.pays`)."""
+        if not pays(self.k_max, self.cfg.d_sae):
+            return None
+        k = self.k if isinstance(self.k, int) else self.per_row(self.k)
+        return SparseLatents(*top_k(pre, k, self.k_max), pre.shape)
+
+    def aux_losses(self, x: Tensor, pre: Tensor, f: Tensor, x_hat: Tensor, active=None) -> dict[str, Tensor]:
         """{"auxk": ...} (zero while no latent is dead). x [B, d_in]; pre, f [(K,) B, d_sae]."""
         return {"auxk": self.auxk_loss(x, pre, x_hat)}
