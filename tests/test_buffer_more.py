@@ -590,3 +590,18 @@ def test_buffer_commands(tmp_path, capsys):
     args = parser.parse_args(["buffer", "import", str(tmp_path / "h.npy"), str(tmp_path / "b2"), "--shard-rows", "10", "--chunk-rows", "4"])
     assert args.fn(args) == 2
     assert "multiple of chunk_rows" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- pinned batches
+
+
+def test_pin_memory_is_refused_without_cuda_and_pins_with_it(tmp_path):
+    buf, data = complete_buffer(tmp_path / "b", [SHARD, SHARD])
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="pin_memory=True needs CUDA"):
+            BufferReader(buf, HOOK, 8, pin_memory=True)
+        return
+    pinned = take(iter(BufferReader(buf, HOOK, 8, pin_memory=True)), 4)
+    plain = take(iter(BufferReader(buf, HOOK, 8)), 4)
+    assert all(b.is_pinned() for b in pinned) and not any(b.is_pinned() for b in plain)
+    assert all(torch.equal(a, b) for a, b in zip(pinned, plain))

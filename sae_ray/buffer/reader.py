@@ -98,6 +98,8 @@ class BufferReader:
     rows to ``rows_skipped``, counts it in ``shards_skipped`` and warns (a shard skipped in
     several epochs counts each time; an epoch in which every shard was skipped raises
     ValueError). ``prefetch``: mixes read ahead by a background thread (0: none).
+    ``pin_memory``: batches in page-locked memory (needs CUDA), so that copying them to the GPU
+    with ``non_blocking=True`` is asynchronous.
     ``reader_id``: if set, after each mix the shards fully consumed in the current epoch
     are written to ``<buffer>/readers/<reader_id>.json`` (what the coordinator of a
     bounded window waits for; shards whose rows are still carried into the next mix are not
@@ -124,6 +126,7 @@ class BufferReader:
         reader_id: str | None = None,
         state: dict | None = None,
         split: str | None = None,
+        pin_memory: bool = False,
     ):
         if hook not in buffer.hooks:
             raise KeyError(f"buffer at {buffer.path!r} has no hook {hook!r}; hooks: {sorted(buffer.hooks)}")
@@ -141,6 +144,9 @@ class BufferReader:
             raise ValueError(f"BufferReader split {split!r} is not supported; accepted: None (every row), {', '.join(SPLITS)}")
         if split is not None:
             eval_fraction(buffer)  # a buffer without a held-out split: refused now, not after the first mix
+        if pin_memory and not torch.cuda.is_available():
+            raise ValueError("BufferReader pin_memory=True needs CUDA (page-locked memory is for copies to a GPU); "
+                             "this machine has none")
         if not isinstance(prefetch, int) or prefetch < 0:
             raise ValueError(f"BufferReader prefetch must be an int >= 0 (mixes read ahead; 0 = no thread), got {prefetch!r}")
         self.buffer = buffer
@@ -155,6 +161,7 @@ class BufferReader:
         self.prefetch = prefetch
         self.reader_id = reader_id
         self.split = split
+        self.pin_memory = pin_memory
         if reader_id is not None:  # now rather than after the first mix
             check_reader_id(reader_id, buffer.path)
         self._start = _fresh_position()
@@ -405,7 +412,10 @@ class BufferReader:
             rows, row_ids = torch.cat(parts), np.concatenate(ids)
             perm = np.random.default_rng((self.seed, epoch, 0, m)).permutation(len(rows))
             n_full = len(rows) // self.batch_size * self.batch_size
-            mixed = rows[torch.from_numpy(perm[:n_full])]
+            take = torch.from_numpy(perm[:n_full])
+            # pinned batches let the training loop's .to(cuda, non_blocking=True) overlap the step
+            mixed = torch.empty((n_full, rows.shape[1]), dtype=rows.dtype, pin_memory=self.pin_memory)
+            torch.index_select(rows, 0, take, out=mixed)
             carry, carry_ids = rows[torch.from_numpy(perm[n_full:])], row_ids[perm[n_full:]]
             del rows
             batches = [mixed[i : i + self.batch_size] for i in range(done * self.batch_size, n_full, self.batch_size)]

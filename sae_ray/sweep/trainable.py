@@ -89,7 +89,8 @@ def train_trial(config: dict[str, Any]) -> None:
     try:
         # training never sees the held-out documents; the final figures are measured on them
         reader = BufferReader(buffer, hook, cfg.train.batch_size, seed=cfg.train.seed, on_corrupt=cfg.buffer.on_corrupt,
-                              reader_id=reader_id, split="train", state=reader_state)
+                              reader_id=reader_id, split="train", state=reader_state,
+                              pin_memory=device.type == "cuda")
         try:
             state = train_sae(sae, iter(reader), cfg.train, on_log=on_log, targets=[t.target_l0 for t in stack.trials],
                               on_checkpoint=on_checkpoint, resume=resume)
