@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from sae_ray.config import ConfigError, RunConfig
-from sae_ray.sweep.plan import Stack, Trial, expand_trials, pack_stacks, trial_problems
+from sae_ray.sweep.plan import Stack, Trial, expand_trials, pack_stacks, stack_limit, trial_problems
 
 
 @dataclass
@@ -27,7 +27,7 @@ class Plan:
     trials: list[Trial]
     """One per SAE, for every hook."""
     stacks: list[Stack]
-    """The trials packed into Tune trials (`sae.max_stack` per stack)."""
+    """The trials packed into Tune trials (at most `plan.stack_limit` SAEs per stack)."""
     fingerprint: dict[str, Any]
     """What identifies the buffer's contents; a buffer with another fingerprint is not reused."""
 
@@ -124,13 +124,14 @@ def preflight(cfg: RunConfig, check_data: bool = True, check_buffer: bool = True
         problems += _buffer_problems(cfg.buffer_path(), fingerprint)
 
     problems += resource_problems(cfg, address=address)
+    available = available_resources(address)
+    stacks = pack_stacks(trials, stack_limit(cfg, trials, None if available is None else available.get("CPU")))
     if window and hooks:
-        problems += window_problems(cfg, hooks, len(pack_stacks(trials, cfg.sae.max_stack)), available_resources(address))
+        problems += window_problems(cfg, hooks, len(stacks), available)
     problems += tracking_problems(cfg)
     if problems:
         raise ConfigError(problems, "preflight")
-    return Plan(hooks=hooks, hook_layers=layers, trials=trials, stacks=pack_stacks(trials, cfg.sae.max_stack),
-                fingerprint=fingerprint)
+    return Plan(hooks=hooks, hook_layers=layers, trials=trials, stacks=stacks, fingerprint=fingerprint)
 
 
 def _buffer_problems(path: str, fingerprint: dict) -> list[str]:

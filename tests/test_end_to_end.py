@@ -63,6 +63,12 @@ def test_sweep_end_to_end(tmp_path, tiny_model_factory, sample_texts, local_ray,
     assert got == expected
     assert sum(s["rows"] for s in result.producer_stats) == buffer.n_rows()
     assert len(result.producer_stats) == 2 and all(s["rows"] > 0 for s in result.producer_stats)
+    # the sweep leaves nothing of its production running: its coordinator is gone
+    from ray.util import list_named_actors
+
+    from sae_ray.actors.coordinator import coordinator_name
+
+    assert coordinator_name(cfg.buffer_path()) not in list_named_actors()
 
     # Every trial registered a version with its tags.
     client = tracking.client_for(cfg.tracking_uri())

@@ -78,7 +78,8 @@ def assert_complete(cfg, rows, n_saes):
 
 def test_a_trial_worker_killed_mid_training_goes_on_from_its_checkpoint(tmp_path, tiny_model_factory, sample_texts,
                                                                         local_ray):
-    cfg = drill_config(tmp_path, tiny_model_factory, sample_texts)
+    # one trial of 2 CPUs: the two SAEs stay one stack (the plan splits stacks to fill the cores)
+    cfg = drill_config(tmp_path, tiny_model_factory, sample_texts, resources={"cpus_per_trial": 2})
     run_cache(cfg)  # the whole buffer first: both runs read the same batches in the same order
     reference = {r["sae"]: r for r in run_sweep(cfg.model_copy(update={"workdir": str(tmp_path / "reference")})).rows}
 

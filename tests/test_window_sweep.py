@@ -106,6 +106,8 @@ def run_watched(cfg):
 
 def check_sweep(cfg, result, plan, watcher) -> ActivationBuffer:
     """What every windowed sweep must end with; returns the buffer."""
+    from ray.util import list_named_actors
+
     from sae_ray.actors.coordinator import coordinator_name
 
     assert watcher.violations == []
@@ -114,7 +116,8 @@ def check_sweep(cfg, result, plan, watcher) -> ActivationBuffer:
     assert len(buf.dropped()) > 0  # the whole buffer did not fit: shards were dropped once read
     states = buf.reader_states()
     assert sorted(states) == sorted(s.reader_id for s in plan.stacks) and all(st["done"] for st in states.values())
-    status = ray.get(ray.get_actor(coordinator_name(cfg.buffer_path())).status.remote())
+    assert coordinator_name(cfg.buffer_path()) not in list_named_actors()  # stopped with the sweep
+    status = result.production  # its last status
     _, shard_bytes = window_shards(cfg, {HOOK: D_IN})
     assert watcher.max_live_bytes <= cfg.buffer.max_gb * 1e9 + (1 + status["window_overflows"]) * shard_bytes
     pinned = buf.production()["pinned"]

@@ -73,7 +73,7 @@ class SweepConfig(Section):
     l0_coefficient: list[float] | None = Field(None, description="L0 sparsity coefficients (jumprelu).")
     k: list[int] | None = Field(None, description="Active latents per token (topk, batchtopk, matryoshka).")
     target_l0: list[int] | None = Field(None, description="A target-L0 ladder, the sparsity axis for every architecture that is not given its own coefficient or k list: TopK, BatchTopK and Matryoshka train with k = target; ReLU+L1, Gated and JumpReLU adapt their coefficient during training (train.l0_control) so the final L0 lands near the target.")
-    max_stack: int = Field(8, gt=0, description="Most SAEs of one architecture and shape trained together in one trial (a stack; 1 = one SAE per trial). A stack reads each batch once; it is one trial with resources.cpus_per_trial, so on CPU smaller stacks spread SAEs over more cores. The README's benchmark section has the measured speed (sae-ray bench train).")
+    max_stack: int = Field(8, gt=0, description="Most SAEs of one architecture and shape trained together in one trial (a stack: it reads each batch once, and on a GPU trains all its SAEs in one launch). The rule (sweep.plan.stack_limit): with a GPU per trial (resources.gpus_per_trial > 0), stacks of up to max_stack; on CPU, the largest size up to max_stack that still gives every core a trial, since there a stack trains no faster than its SAEs one after another but pays each trial's start-up once (sae-ray bench train, bench sweep).")
     extra: dict[str, dict[str, Any]] = Field({}, description="Architecture knobs by architecture, kept in each SAE's cfg.extra, e.g. {jumprelu: {bandwidth: 0.05}, topk: {k_aux: 256}}; each architecture's `knobs` lists what it reads.")
 
 

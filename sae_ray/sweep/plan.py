@@ -171,6 +171,30 @@ def expand_trials(sweep: SweepConfig, hooks: dict[str, int], hook_layers: dict[s
     return trials
 
 
+def stack_limit(cfg: RunConfig, trials: list[Trial], cpus: float | None) -> int:
+    """The most SAEs one trial trains together (the rule `sae.max_stack` states).
+
+    GPU trials (resources.gpus_per_trial > 0), or `cpus` unknown: sae.max_stack; on a GPU one
+    launch trains the whole stack. CPU trials: the largest size up to sae.max_stack that still
+    gives every trial slot (cpus / resources.cpus_per_trial) a trial, made even (the smallest size
+    that gives as many stacks). On CPU the matmuls already
+    run at the core's peak, so a stack of K trains at about the speed of its K members one after
+    another (`sae-ray bench train`), and a core without a trial is lost; but a stack pays each
+    trial's fixed costs (a worker, start-up, reading the buffer) once, and while the producers
+    are still writing, a stack of several SAEs keeps its core busy where one SAE would wait for
+    the next shard. cpus: the CPUs Ray gives the run (`preflight.available_resources`)."""
+    if cfg.resources.gpus_per_trial > 0 or cpus is None:
+        return cfg.sae.max_stack
+    slots = max(1, int(cpus // cfg.resources.cpus_per_trial))
+    size = cfg.sae.max_stack
+    while size > 1 and len(pack_stacks(trials, size)) < slots:
+        size -= 1
+    # as many stacks from smaller ones: even sizes (2 + 2, not 3 + 1), so no trial runs on alone
+    while size > 1 and len(pack_stacks(trials, size - 1)) == len(pack_stacks(trials, size)):
+        size -= 1
+    return size
+
+
 def pack_stacks(trials: list[Trial], max_stack: int) -> list[Stack]:
     """Group trials that share architecture, width and hook into stacks of at most `max_stack`, in grid order."""
     groups: dict[tuple, list[Trial]] = {}

@@ -99,13 +99,32 @@ def start_production(cfg: RunConfig, plan: Plan, bounded: bool = True, progress_
     refs = [pr.run.remote() for pr in producers]
 
     def release() -> None:
-        """Once the producers are done their resources go back to the trials; the coordinator (no
-        CPUs) stays held, so a `status()` asked just then still gets an answer."""
+        """Once the producers are done their resources go back to the trials: each finished one is
+        killed now (a dropped handle frees its CPUs only whenever the last reference goes); the
+        coordinator (no CPUs) stays held, so a `status()` asked just then still gets an answer."""
         if _PRODUCTION.get(name) is held:
             _PRODUCTION[name] = held[:1]
+            finished, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+            for producer, ref in zip(producers, refs):
+                if ref in finished:
+                    ray.kill(producer, no_restart=True)
 
     watch_in_background(coordinator, refs, progress_every, on_done=release)
     return refs
+
+
+def end_production(buffer_path: str) -> dict[str, Any]:
+    """The sweep of this buffer is over: kill the coordinator (and any producer) this driver
+    still holds for it, and return the coordinator's last `status()` ({} if it held none). An
+    idle coordinator polls its readers' progress files; a driver that runs sweep after sweep (a
+    notebook, `sae-ray bench sweep`) would otherwise keep one per buffer."""
+    from sae_ray.actors.coordinator import coordinator_name
+
+    held = _PRODUCTION.pop(coordinator_name(buffer_path), [])
+    status = ray.get(held[0].status.remote(), timeout=30) if held else {}
+    for handle in held:
+        ray.kill(handle, no_restart=True)
+    return status
 
 
 def _check_not_consumed(buffer: ActivationBuffer) -> None:

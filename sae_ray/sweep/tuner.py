@@ -34,7 +34,7 @@ from sae_ray.preflight import Plan, preflight
 from sae_ray.sweep import SweepError
 from sae_ray.sweep import resume
 from sae_ray.sweep.plan import sort_rows, summary_row
-from sae_ray.sweep.production import connect_ray, start_production, with_rates
+from sae_ray.sweep.production import connect_ray, end_production, start_production, with_rates
 from sae_ray.sweep.search import param_space as search_space
 from sae_ray.sweep.search import stack_of, trial_name, trial_resources, tune_parts
 from sae_ray.sweep.trainable import train_trial
@@ -49,6 +49,9 @@ class SweepResult:
     """Per producer: rows, shards, seconds, tokens_per_s (empty when the buffer was reused)."""
     parent_run_id: str = ""
     seconds: float = 0.0
+    production: dict[str, Any] = field(default_factory=dict)
+    """The buffer coordinator's last `status()` (committed rows, window, drops, window_overflows);
+    empty when the buffer was reused."""
 
 
 class ProgressPrinter(tune.Callback):
@@ -133,7 +136,9 @@ def run_sweep(cfg: RunConfig, address: str | None = None, plan: Plan | None = No
             tuner = tune.Tuner(
                 trainable,
                 param_space=param_space,
-                tune_config=tune.TuneConfig(**tune_parts(cfg)._asdict(),
+                # reuse_actors: a trial starts in the worker the last one left (torch and sae-ray
+                # already imported, memory kept), not in a fresh process; every trial asks the same
+                tune_config=tune.TuneConfig(**tune_parts(cfg)._asdict(), reuse_actors=True,
                                             trial_name_creator=lambda t: trial_name(t.config),
                                             trial_dirname_creator=lambda t: f"{t.trial_id}"),
                 run_config=tune.RunConfig(
@@ -147,6 +152,7 @@ def run_sweep(cfg: RunConfig, address: str | None = None, plan: Plan | None = No
 
             stop_production(cfg.buffer_path())
         producer_stats = with_rates(ray.get(producing))
+        production = end_production(cfg.buffer_path())  # the buffer is done: its coordinator is not needed
         tracking.close_open_runs(client, experiment_id, parent_run_id, "KILLED",
                                  "its trial ended without closing it (stopped by the scheduler, or its worker died)")
         failed = [r for r in results if r.error is not None]
@@ -161,7 +167,7 @@ def run_sweep(cfg: RunConfig, address: str | None = None, plan: Plan | None = No
     except BaseException:
         client.set_terminated(parent_run_id, status="FAILED")
         raise
-    return SweepResult(rows, producer_stats, parent_run_id, time.perf_counter() - start)
+    return SweepResult(rows, producer_stats, parent_run_id, time.perf_counter() - start, production)
 
 
 def _finals(metrics: dict[str, Any], n: int) -> list[dict[str, Any]]:
