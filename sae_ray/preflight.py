@@ -124,10 +124,9 @@ def preflight(cfg: RunConfig, check_data: bool = True, check_buffer: bool = True
         problems += _buffer_problems(cfg.buffer_path(), fingerprint)
 
     problems += resource_problems(cfg, address=address)
-    available = available_resources(address)
-    stacks = pack_stacks(trials, stack_limit(cfg, trials, None if available is None else available.get("CPU")))
+    stacks = pack_stacks(trials, stack_limit(cfg))
     if window and hooks:
-        problems += window_problems(cfg, hooks, len(stacks), available)
+        problems += window_problems(cfg, hooks, len(stacks), available_resources(address))
     problems += tracking_problems(cfg)
     if problems:
         raise ConfigError(problems, "preflight")

@@ -161,24 +161,21 @@ def test_plan_packs_names_and_travels_as_plain_json():
     assert sae_cfg.l1_coefficient is None and sae_cfg.model_name == cfg.model.name
 
 
-def test_stack_rule_fills_every_cpu_slot_and_stacks_fully_on_gpus():
-    """sweep.plan.stack_limit: on CPU the largest stack that still gives every trial slot a trial;
-    with GPUs per trial (or CPUs unknown) sae.max_stack."""
+def test_stack_rule_stacks_on_gpus_and_with_a_window_and_not_on_cpu():
+    """sweep.plan.stack_limit: sae.max_stack with GPUs per trial or a bounded window; 1 on CPU."""
     from sae_ray.sweep.plan import stack_limit
 
     cfg = validate_config(with_sae(architectures=["topk", "standard"], k=[8, 16, 32, 64], l1_coefficient=[1.0, 2.0,
                                                                                                         3.0, 4.0]))
     trials = expand_trials(cfg.sae, {HOOK: 32})
-    assert cfg.sae.max_stack == 8 and len(trials) == 8
-    assert stack_limit(cfg, trials, cpus=2) == 4  # two groups of 4 already fill 2 cores
-    assert stack_limit(cfg, trials, cpus=4) == 2  # 4 slots: 2 stacks of 2 per architecture (not 3 + 1)
-    assert len(pack_stacks(trials, stack_limit(cfg, trials, cpus=4))) == 4
-    assert stack_limit(cfg, trials, cpus=16) == 1  # more cores than SAEs: one SAE each
-    two_cpu_trials = cfg.model_copy(update={"resources": cfg.resources.model_copy(update={"cpus_per_trial": 2})})
-    assert stack_limit(two_cpu_trials, trials, cpus=8) == 2  # 4 slots of 2 CPUs
+    assert cfg.sae.max_stack == 8 and cfg.resources.gpus_per_trial == 0 and len(trials) == 8
+    assert stack_limit(cfg) == 1 and len(pack_stacks(trials, stack_limit(cfg))) == 8  # CPU: one SAE per trial
     gpu = cfg.model_copy(update={"resources": cfg.resources.model_copy(update={"gpus_per_trial": 0.25})})
-    assert stack_limit(gpu, trials, cpus=16) == 8  # one launch trains the stack
-    assert stack_limit(cfg, trials, cpus=None) == 8  # a cluster not joined yet: as configured
-    capped = cfg.model_copy(update={"sae": cfg.sae.model_copy(update={"max_stack": 3})})
-    assert stack_limit(capped, trials, cpus=2) == 2  # never above sae.max_stack; 2 + 2, not 3 + 1
-    assert stack_limit(capped, trials, cpus=None) == 3
+    assert stack_limit(gpu) == 8 and len(pack_stacks(trials, stack_limit(gpu))) == 2  # one launch per stack
+    window = cfg.model_copy(update={"buffer": cfg.buffer.model_copy(update={"max_gb": 1.0})})
+    assert stack_limit(window) == 8  # every trial of a window must run at once: few of them
+    for sweep in ({"search": "random"}, {"scheduler": "asha"}):  # drawn and ranked as stacks
+        searched = cfg.model_copy(update={"sweep": cfg.sweep.model_copy(update=sweep)})
+        assert stack_limit(searched) == 8
+    capped = gpu.model_copy(update={"sae": gpu.sae.model_copy(update={"max_stack": 3})})
+    assert stack_limit(capped) == 3  # never above sae.max_stack

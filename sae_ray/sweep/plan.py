@@ -171,28 +171,22 @@ def expand_trials(sweep: SweepConfig, hooks: dict[str, int], hook_layers: dict[s
     return trials
 
 
-def stack_limit(cfg: RunConfig, trials: list[Trial], cpus: float | None) -> int:
+def stack_limit(cfg: RunConfig) -> int:
     """The most SAEs one trial trains together (the rule `sae.max_stack` states).
 
-    GPU trials (resources.gpus_per_trial > 0), or `cpus` unknown: sae.max_stack; on a GPU one
-    launch trains the whole stack. CPU trials: the largest size up to sae.max_stack that still
-    gives every trial slot (cpus / resources.cpus_per_trial) a trial, made even (the smallest size
-    that gives as many stacks). On CPU the matmuls already
-    run at the core's peak, so a stack of K trains at about the speed of its K members one after
-    another (`sae-ray bench train`), and a core without a trial is lost; but a stack pays each
-    trial's fixed costs (a worker, start-up, reading the buffer) once, and while the producers
-    are still writing, a stack of several SAEs keeps its core busy where one SAE would wait for
-    the next shard. cpus: the CPUs Ray gives the run (`preflight.available_resources`)."""
-    if cfg.resources.gpus_per_trial > 0 or cpus is None:
+    GPU trials (resources.gpus_per_trial > 0): sae.max_stack; one launch trains the whole stack.
+    CPU trials: 1. There the matmuls already run at the core's peak, and a stack of K trains no
+    faster than its K members one after another (`sae-ray bench train`: 0.7-1.0x for TopK, with
+    its [K, B, d_sae] temporaries), while separate trials spread over the cores and fill each one
+    as it frees up. Except, on CPU too, stacks of up to sae.max_stack:
+      - with a bounded window (buffer.max_gb): a trial that has not started holds every shard of
+        the window, so all trials must run at once, and stacks keep them few;
+      - with a search or a scheduler (sweep.search not 'grid', sweep.scheduler 'asha'): trials
+        are drawn and ranked as stacks (a stack's mean over its L0 ladder; its SAEs share a draw)."""
+    searched = cfg.sweep.search != "grid" or cfg.sweep.scheduler != "fifo"
+    if cfg.resources.gpus_per_trial > 0 or cfg.buffer.max_gb is not None or searched:
         return cfg.sae.max_stack
-    slots = max(1, int(cpus // cfg.resources.cpus_per_trial))
-    size = cfg.sae.max_stack
-    while size > 1 and len(pack_stacks(trials, size)) < slots:
-        size -= 1
-    # as many stacks from smaller ones: even sizes (2 + 2, not 3 + 1), so no trial runs on alone
-    while size > 1 and len(pack_stacks(trials, size - 1)) == len(pack_stacks(trials, size)):
-        size -= 1
-    return size
+    return 1
 
 
 def pack_stacks(trials: list[Trial], max_stack: int) -> list[Stack]:
