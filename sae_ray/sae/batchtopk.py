@@ -7,7 +7,7 @@ from torch import Tensor
 
 from sae_ray.sae.base import SAEConfig, register
 from sae_ray.sae.sparse import SparseLatents, pays, top_k
-from sae_ray.sae.topk import TopKSAE, top_k_relu
+from sae_ray.sae.topk import TopKSAE
 
 
 @register
@@ -51,10 +51,16 @@ class BatchTopKSAE(TopKSAE):
         """[(K,) B, d_sae] -> same. Training: BatchTopK; eval: pre * 1[pre > θ]."""
         if not self.training:
             return self.jump(pre)
-        flat = pre.flatten(-2)  # [(K,) B * d_sae]
+        indices, values = self._batch_top(pre)
+        flat = pre.new_zeros(*pre.shape[:-2], pre.shape[-2] * pre.shape[-1])  # [(K,) B * d_sae]
+        return flat.scatter_(-1, indices, values).view_as(pre)
+
+    def _batch_top(self, pre: Tensor) -> tuple[Tensor, Tensor]:
+        """[(K,) B, d_sae] -> (indices, values) [(K,) k_max * B] of the k * B largest entries of the
+        flattened batch [(K,) B * d_sae] (`sparse.top_k`; a stack mixing k keeps each member's own)."""
         n = pre.shape[-2]
         k = self.k * n if isinstance(self.k, int) else (self.k * n).unsqueeze(-1)
-        return top_k_relu(flat, k, self.k_max * n).view_as(pre)
+        return top_k(pre.flatten(-2), k, self.k_max * n)
 
     def sparse_activation(self, pre: Tensor) -> SparseLatents | None:
         """Training: the same latents as `activation`, in flat form [(K,) k_max * B]; eval: None
@@ -62,9 +68,7 @@ class BatchTopKSAE(TopKSAE):
         is too large a share of d_sae for sparse decoding to pay (`sparse.pays`)."""
         if not self.training or not pays(self.k_max, self.cfg.d_sae):
             return None
-        n = pre.shape[-2]
-        k = self.k * n if isinstance(self.k, int) else (self.k * n).unsqueeze(-1)
-        indices, values = top_k(pre.flatten(-2), k, self.k_max * n)
+        indices, values = self._batch_top(pre)
         indices, order = indices.sort(dim=-1)
         return SparseLatents(indices, values.gather(-1, order), pre.shape)
 
