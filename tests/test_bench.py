@@ -226,3 +226,15 @@ def test_an_unknown_architecture_is_refused_before_any_work(bench, capsys):
     assert "--architectures: unknown architecture 'gatted'" in err and "gated" in err and "jumprelu" in err
     with pytest.raises(ValueError, match=r"unknown \['gatted'\]"):
         run_synthetic(architectures=["gatted"], log=None)
+
+
+def test_bench_all_on_cuda_is_refused_without_a_gpu(capsys):
+    import torch
+
+    from sae_ray.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the refusal is for machines without it")
+    assert main(["bench", "all", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "--device: value 'cuda': this machine has no CUDA device" in err
