@@ -162,13 +162,14 @@ def test_plan_packs_names_and_travels_as_plain_json():
 
 
 def test_stack_rule_stacks_on_gpus_and_with_a_window_and_not_on_cpu():
-    """sweep.plan.stack_limit: sae.max_stack with GPUs per trial or a bounded window; 1 on CPU."""
+    """sweep.plan.stack_limit: 8 with GPUs per trial, a bounded window or a search; 1 on CPU;
+    an explicit sae.max_stack wherever trials run."""
     from sae_ray.sweep.plan import stack_limit
 
     cfg = validate_config(with_sae(architectures=["topk", "standard"], k=[8, 16, 32, 64], l1_coefficient=[1.0, 2.0,
                                                                                                         3.0, 4.0]))
     trials = expand_trials(cfg.sae, {HOOK: 32})
-    assert cfg.sae.max_stack == 8 and cfg.resources.gpus_per_trial == 0 and len(trials) == 8
+    assert cfg.sae.max_stack is None and cfg.resources.gpus_per_trial == 0 and len(trials) == 8
     assert stack_limit(cfg) == 1 and len(pack_stacks(trials, stack_limit(cfg))) == 8  # CPU: one SAE per trial
     gpu = cfg.model_copy(update={"resources": cfg.resources.model_copy(update={"gpus_per_trial": 0.25})})
     assert stack_limit(gpu) == 8 and len(pack_stacks(trials, stack_limit(gpu))) == 2  # one launch per stack
@@ -177,5 +178,5 @@ def test_stack_rule_stacks_on_gpus_and_with_a_window_and_not_on_cpu():
     for sweep in ({"search": "random"}, {"scheduler": "asha"}):  # drawn and ranked as stacks
         searched = cfg.model_copy(update={"sweep": cfg.sweep.model_copy(update=sweep)})
         assert stack_limit(searched) == 8
-    capped = gpu.model_copy(update={"sae": gpu.sae.model_copy(update={"max_stack": 3})})
-    assert stack_limit(capped) == 3  # never above sae.max_stack
+    for base in (cfg, gpu):  # the user's number holds everywhere
+        assert stack_limit(base.model_copy(update={"sae": base.sae.model_copy(update={"max_stack": 3})})) == 3

@@ -36,7 +36,8 @@ def drill_config(tmp_path, tiny_model_factory, sample_texts, workdir="work", **c
     train = {"total_tokens": 64_000, "batch_size": 64, "checkpoint_every": 6_400, "log_every": 50, "eval_rows": 100,
              "wait_for_buffer": True, **changes.pop("train", {})}
     return sweep_config(tmp_path / workdir, tiny_model_factory("gpt2"), data,
-                        sae={"architectures": ["topk"], "k": [4, 8]}, producers={"count": 1},
+                        sae={"architectures": ["topk"], "k": [4, 8], "max_stack": 2},  # one stack of two on CPU
+                        producers={"count": 1},
                         buffer={"path": str(tmp_path / "buffer")}, train=train, **changes)
 
 
@@ -78,8 +79,7 @@ def assert_complete(cfg, rows, n_saes):
 
 def test_a_trial_worker_killed_mid_training_goes_on_from_its_checkpoint(tmp_path, tiny_model_factory, sample_texts,
                                                                         local_ray):
-    # one trial of 2 CPUs: the two SAEs stay one stack (the plan splits stacks to fill the cores)
-    cfg = drill_config(tmp_path, tiny_model_factory, sample_texts, resources={"cpus_per_trial": 2})
+    cfg = drill_config(tmp_path, tiny_model_factory, sample_texts)
     run_cache(cfg)  # the whole buffer first: both runs read the same batches in the same order
     reference = {r["sae"]: r for r in run_sweep(cfg.model_copy(update={"workdir": str(tmp_path / "reference")})).rows}
 

@@ -19,7 +19,7 @@ from sae_ray.config.sections import (
     SearchConfig,
     search_warnings,
 )
-from sae_ray.sweep.plan import Stack, Trial, expand_trials, pack_stacks
+from sae_ray.sweep.plan import Stack, Trial, expand_trials, pack_stacks, stack_limit
 from sae_ray.sweep.search import (
     TuneParts,
     apply_draw,
@@ -67,7 +67,7 @@ def the_problem(raw, prefix: str) -> str:
 
 
 def stacks_of(cfg, d_in: int = D_IN) -> list[Stack]:
-    return pack_stacks(expand_trials(cfg.sae, {HOOK: d_in}), cfg.sae.max_stack)
+    return pack_stacks(expand_trials(cfg.sae, {HOOK: d_in}), stack_limit(cfg))
 
 
 # ---------------------------------------------------------------------------------------

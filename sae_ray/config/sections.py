@@ -73,7 +73,7 @@ class SweepConfig(Section):
     l0_coefficient: list[float] | None = Field(None, description="L0 sparsity coefficients (jumprelu).")
     k: list[int] | None = Field(None, description="Active latents per token (topk, batchtopk, matryoshka).")
     target_l0: list[int] | None = Field(None, description="A target-L0 ladder, the sparsity axis for every architecture that is not given its own coefficient or k list: TopK, BatchTopK and Matryoshka train with k = target; ReLU+L1, Gated and JumpReLU adapt their coefficient during training (train.l0_control) so the final L0 lands near the target.")
-    max_stack: int = Field(8, gt=0, description="Most SAEs of one architecture and shape trained together in one trial (a stack: it reads each batch once, and on a GPU trains all its SAEs in one launch). The rule (sweep.plan.stack_limit): stacks of up to max_stack where trials have a GPU (resources.gpus_per_trial > 0), read a bounded window (buffer.max_gb: every trial must run at once) or are searched or scheduled (sweep.search, sweep.scheduler: trials are drawn and ranked as stacks); one SAE per trial on CPU otherwise, where a stack trains no faster than its SAEs one after another and separate trials spread over the cores (sae-ray bench train).")
+    max_stack: int | None = Field(None, gt=0, description="Most SAEs of one architecture and shape trained together in one trial (a stack: it reads each batch once, and on a GPU trains all its SAEs in one launch). None (the default) follows the rule of sweep.plan.stack_limit: stacks of up to AUTO_MAX_STACK (8) where trials have a GPU (resources.gpus_per_trial > 0), read a bounded window (buffer.max_gb: every trial must run at once) or are searched or scheduled (sweep.search, sweep.scheduler: trials are drawn and ranked as stacks); one SAE per trial on CPU otherwise, where a stack trains no faster than its SAEs one after another and separate trials spread over the cores (sae-ray bench train). A number: stacks of up to that many wherever trials run.")
     extra: dict[str, dict[str, Any]] = Field({}, description="Architecture knobs by architecture, kept in each SAE's cfg.extra, e.g. {jumprelu: {bandwidth: 0.05}, topk: {k_aux: 256}}; each architecture's `knobs` lists what it reads.")
 
 
@@ -147,6 +147,9 @@ class ResourcesConfig(Section):
     max_concurrent_trials: int | None = Field(None, gt=0, description="Cap on trials running at once (None: as resources allow).")
     max_failures: int = Field(2, ge=0, description="Times Tune restarts a trial whose worker died or raised; it goes on from its last checkpoint (train.checkpoint_every) with the same MLflow runs. Tune's FailureConfig.max_failures.")
 
+
+AUTO_MAX_STACK = 8
+"""The stack size sae.max_stack None gives where stacks pay (sweep.plan.stack_limit)."""
 
 SPACE_KEYS = ("lr", "l1_coefficient", "l0_coefficient", "k", "target_l0")
 """What `sweep.space` may draw: train.lr, one of the grid's sparsity knobs, or the target L0."""
@@ -483,8 +486,9 @@ def search_warnings(cfg: RunConfig) -> list[str]:
                             "sweep one hook, architecture and width per run with ASHA")
         ladder = [getattr(sweep, p) or [] for p in ("k", "l1_coefficient", "l0_coefficient", "target_l0")
                   if hasattr(sweep, p)]
-        if any(len(v) > sweep.max_stack for v in ladder):
-            warnings.append(f"sae.max_stack: value {sweep.max_stack}: a sparsity list longer than it is split over "
+        limit = sweep.max_stack or AUTO_MAX_STACK  # an ASHA sweep stacks (sweep.plan.stack_limit)
+        if any(len(v) > limit for v in ladder):
+            warnings.append(f"sae.max_stack: value {limit}: a sparsity list longer than it is split over "
                             "stacks holding different values, which ASHA then ranks against each other")
         if s.grace_fraction < cfg.train.sparsity_warmup_fraction:
             warnings.append(f"sweep.grace_fraction: value {s.grace_fraction:g}: below train.sparsity_warmup_fraction "

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from sae_ray.config import RunConfig, SweepConfig
+from sae_ray.config.sections import AUTO_MAX_STACK
 from sae_ray.sae import ARCHITECTURES, SAEConfig
 from sae_ray.sae.config import SPARSITY_PARAMS
 
@@ -172,20 +173,22 @@ def expand_trials(sweep: SweepConfig, hooks: dict[str, int], hook_layers: dict[s
 
 
 def stack_limit(cfg: RunConfig) -> int:
-    """The most SAEs one trial trains together (the rule `sae.max_stack` states).
+    """The most SAEs one trial trains together: sae.max_stack if it is set, else this rule.
 
-    GPU trials (resources.gpus_per_trial > 0): sae.max_stack; one launch trains the whole stack.
+    GPU trials (resources.gpus_per_trial > 0): AUTO_MAX_STACK; one launch trains the whole stack.
     CPU trials: 1. There the matmuls already run at the core's peak, and a stack of K trains no
     faster than its K members one after another (`sae-ray bench train`: 0.7-1.0x for TopK, with
     its [K, B, d_sae] temporaries), while separate trials spread over the cores and fill each one
-    as it frees up. Except, on CPU too, stacks of up to sae.max_stack:
+    as it frees up. Except, on CPU too, stacks of up to AUTO_MAX_STACK:
       - with a bounded window (buffer.max_gb): a trial that has not started holds every shard of
         the window, so all trials must run at once, and stacks keep them few;
       - with a search or a scheduler (sweep.search not 'grid', sweep.scheduler 'asha'): trials
         are drawn and ranked as stacks (a stack's mean over its L0 ladder; its SAEs share a draw)."""
+    if cfg.sae.max_stack is not None:
+        return cfg.sae.max_stack
     searched = cfg.sweep.search != "grid" or cfg.sweep.scheduler != "fifo"
     if cfg.resources.gpus_per_trial > 0 or cfg.buffer.max_gb is not None or searched:
-        return cfg.sae.max_stack
+        return AUTO_MAX_STACK
     return 1
 
 
