@@ -99,3 +99,14 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Stop a Ray that a test left running (a sweep run without the fixture) while pytest still
+    runs, not in the interpreter's teardown, where Ray's own exit hook has crashed the process
+    once after every test had passed."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
