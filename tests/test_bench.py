@@ -238,3 +238,10 @@ def test_bench_all_on_cuda_is_refused_without_a_gpu(capsys):
     assert main(["bench", "all", "--device", "cuda"]) == 2
     err = capsys.readouterr().err
     assert "--device: value 'cuda': this machine has no CUDA device" in err
+
+
+def test_a_bad_decoder_size_is_one_line_naming_the_flag(capsys):
+    from sae_ray.cli import main
+
+    assert main(["bench", "train", "--decoder-d-sae", "6144,big"]) == 2
+    assert "--decoder-d-sae: value '6144,big': expected whole numbers" in capsys.readouterr().err

@@ -59,7 +59,7 @@ def cmd_bench_train(args) -> int:
     run_speed(d_in=args.d_in, d_sae=args.d_sae, batch=args.batch_size, architectures=_names(args.architectures),
               steps=args.steps, warmup=args.warmup, stack=args.stack, repeats=args.repeats, device=args.device,
               rounds=args.rounds, keep_memory=not args.return_freed_memory,
-              decoder_d_sae=[int(v) for v in args.decoder_d_sae.split(",") if v.strip()])
+              decoder_d_sae=_whole_numbers(args.decoder_d_sae, "--decoder-d-sae", "sae-ray bench train", "6144,24576"))
     print(f"\nwall time {time.perf_counter() - start:.0f}s")
     return 0
 
@@ -145,15 +145,20 @@ def add_buffer_bench(sub) -> None:
     b.set_defaults(fn=cmd_bench_buffer)
 
 
-def _sizes(text: str) -> list[int]:
-    """--sizes as a list of whole numbers; ConfigError naming the flag for anything else."""
+def _whole_numbers(text: str, flag: str, source: str, example: str) -> list[int]:
+    """A comma-separated flag as a list of whole numbers; ConfigError naming the flag for anything else."""
     from sae_ray.config import ConfigError
 
     try:
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise ConfigError([f"--sizes: value {text!r}: expected whole numbers separated by commas, e.g. 4,8"],
-                          source="sae-ray bench sweep") from None
+        raise ConfigError([f"{flag}: value {text!r}: expected whole numbers separated by commas, e.g. {example}"],
+                          source=source) from None
+
+
+def _sizes(text: str) -> list[int]:
+    """--sizes of `bench sweep` (`_whole_numbers`)."""
+    return _whole_numbers(text, "--sizes", "sae-ray bench sweep", "4,8")
 
 
 def cmd_bench_sweep(args) -> int:
