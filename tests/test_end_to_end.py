@@ -97,11 +97,19 @@ def test_sweep_end_to_end(tmp_path, tiny_model_factory, sample_texts, local_ray,
             assert again["l0"] <= int(v.tags["k"]) + 1e-6
         assert again["l0"] == pytest.approx(float(v.tags["l0"]), rel=1e-3)
         assert again["dead_fraction"] == pytest.approx(float(v.tags["dead_fraction"]), abs=1e-6)  # held out too
+        # LM-level figures (eval.lm), in the run, the version's tags and a SAEBench-style file
+        for metric in ("ce_loss_score", "kl_div_score", "delta_lm_loss", "kl_div_with_sae", "explained_variance"):
+            assert float(v.tags[metric]) == pytest.approx(run.data.metrics[f"lm/{metric}"], rel=1e-4, abs=1e-6)
+        assert run.data.metrics["lm/ce_loss_with_sae"] >= run.data.metrics["lm/ce_loss_without_sae"] - 0.05
+        assert run.data.metrics["lm/kl_div_with_sae"] >= 0
+        assert {a.path for a in client.list_artifacts(v.run_id, "lm_eval")} == {
+            "lm_eval/result.json", "lm_eval/frequencies.safetensors", "lm_eval/density.png"}
 
     # Aliases and the summary in the parent run.
     assert client.get_model_version_by_alias(name, "best-fvu").version in {v.version for v in versions}
     artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
     assert {"summary.txt", "summary.json", "frontier.png"} <= artifacts
+    assert all(isinstance(row["ce_loss_score"], float) for row in result.rows)  # the summary carries them
 
     # The lookups a researcher uses.
     from sae_ray.cli import main

@@ -17,7 +17,7 @@ from sae_ray.config.fields import Device, Section, TrackingURI, adam_beta, ray_c
 
 
 class ModelConfig(Section):
-    name: str = Field(min_length=1, description="Hugging Face hub id, a local directory, or 'package:<python_package>/<subdir>' for a model a Python package ships.")
+    name: str = Field(min_length=1, description="Hugging Face hub id, a local directory, 'package:<python_package>/<subdir>' for a model a Python package ships, or 'gguf:<python_package>/<file.gguf>' / 'gguf:<path.gguf>' for a GGUF file (converted once to safetensors under $SAE_RAY_CACHE, default ~/.cache/sae-ray).")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit); part of the buffer fingerprint.")
     dtype: ActivationDtype = Field("float32", description="dtype the model computes in.")
     device: Device = Field("auto", description="'auto' (cuda when the producer has a GPU, else cpu), 'cpu', 'cuda' or 'cuda:N'.")
@@ -184,6 +184,14 @@ class SearchConfig(Section):
     reduction_factor: float = Field(4, gt=1, description="ASHA: at each rung only the best 1/reduction_factor of the trials that reached it go on, and rungs are this factor apart in tokens (4: Ray's default).")
 
 
+class EvalConfig(Section):
+    """LM-level evaluation of every trained SAE, at the end of the sweep and in `sae-ray eval` (sae_ray.eval.lm)."""
+
+    lm: bool = Field(True, description="Splice each SAE into the model at its hook on held-out documents and measure CE loss recovered, KL and delta LM loss (causal LMs) or the embedding cosine (encoders), with the reconstruction and feature-density figures; the clean and ablated passes run once per hook, not per SAE. Logged to each SAE's run, headline figures in its registry tags and the summary.")
+    tokens: int = Field(8192, gt=0, description="Held-out tokens (spliced positions) per hook. SAEBench's core eval uses about 400k (200 batches of 16 contexts of 128); 8192 is sized for a laptop CPU.")
+    batch_size: int = Field(8, gt=0, description="Contexts per forward pass of the evaluation.")
+
+
 class RunConfig(Section):
     name: str = Field("sae-sweep", min_length=1, description="Name of the sweep (parent MLflow run, Tune experiment).")
     workdir: str = Field("runs/default", min_length=1, description="Directory for the buffer, MLflow store and Tune results (relative to the current directory).")
@@ -197,6 +205,7 @@ class RunConfig(Section):
     tracking: TrackingConfig = TrackingConfig()
     resources: ResourcesConfig = ResourcesConfig()
     sweep: SearchConfig = SearchConfig()
+    eval: EvalConfig = EvalConfig()
 
     # -- resolved paths ---------------------------------------------------------------
     def workdir_path(self) -> Path:

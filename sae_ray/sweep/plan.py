@@ -26,7 +26,8 @@ from sae_ray.sae.config import SPARSITY_PARAMS
 _SHORT = {"k": "k", "l1_coefficient": "l1_", "l0_coefficient": "l0_"}
 
 SUMMARY_COLUMNS = ["sae", "architecture", "d_sae", "target_l0", "k", "l1_coefficient", "l0_coefficient", "l0", "fvu",
-                   "dead_fraction", "tokens_seen", "train_tokens_per_s", "verdict", "version"]
+                   "dead_fraction", "ce_loss_score", "kl_div_score", "embedding_score", "tokens_seen", "train_tokens_per_s",
+                   "verdict", "version"]
 """The columns of the printed summary table (`summary_row` has a few more)."""
 
 

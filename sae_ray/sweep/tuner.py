@@ -34,6 +34,7 @@ from sae_ray.preflight import Plan, preflight
 from sae_ray.sweep import SweepError
 from sae_ray.sweep import resume
 from sae_ray.sweep.plan import sort_rows, summary_row
+from sae_ray.actors.evaluator import evaluate_sweep
 from sae_ray.sweep.production import connect_ray, end_production, start_production, with_rates
 from sae_ray.sweep.search import param_space as search_space
 from sae_ray.sweep.search import stack_of, trial_name, trial_resources, tune_parts
@@ -158,6 +159,12 @@ def run_sweep(cfg: RunConfig, address: str | None = None, plan: Plan | None = No
         failed = [r for r in results if r.error is not None]
         rows = sort_rows([summary_row(t, m) for r in results if r.error is None
                           for t, m in zip(stack_of(r.config).trials, _finals(r.metrics or {}, len(stack_of(r.config).trials)))])
+        if cfg.eval.lm and rows:  # LM-level figures of every trained SAE: one task per hook (eval.lm)
+            print(f"[sae-ray] LM-level evaluation of {sum(r['l0'] is not None for r in rows)} SAEs on "
+                  f"{cfg.eval.tokens:,} held-out tokens per hook")
+            lm = evaluate_sweep(cfg, rows)
+            for row in rows:
+                row.update(lm.get(row["mlflow_run_id"], {}))
         log_summary(client, parent_run_id, rows, producer_stats, cfg.model.name, cfg.tracking.register_models)
         if failed:
             lines = [f"  {stack_of(r.config).name}: {error_line(r.error)}" for r in failed]

@@ -1,0 +1,169 @@
+"""LM-level evaluation of a set of SAEs of one hook, from a run config: the model, the held-out
+documents, the figures, and what goes into MLflow. No Ray (`sae_ray.actors.evaluator` fans it
+out, one task per hook; `sae-ray eval` calls it directly).
+
+`evaluate_hook(cfg, hook_name, saes)`:
+  1. load the model (`model.*`) and resolve the hook (by its config entry, so `blocks.L.hook_site`
+     names and raw module paths both work);
+  2. read the config's documents in the producers' order and pack the held-out ones
+     (`buffer.eval_fraction`: the documents no training reader returns) into contexts of
+     `data.context_size`, `eval.tokens` kept tokens in all (`lm.held_out_contexts`);
+  3. the mean activation over those tokens (for mean ablation; a pass that stops at the hook);
+  4. `lm.evaluate_lm`: clean and ablated passes once, one spliced pass per SAE.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+
+from sae_ray.config import RunConfig
+from sae_ray.eval.lm import HEADLINE, activation_mean, evaluate_lm, held_out_contexts, model_kind, plot_log_density
+from sae_ray.sae import SAE
+
+EVAL_ARTIFACT_PATH = "lm_eval"
+"""Where an SAE's run keeps its evaluation files: result.json (SAEBench-style), frequencies.safetensors, density.png."""
+EVAL_TYPE_ID = "core"
+"""SAEBench's eval_type_id of the figures `evaluate_lm` gives (its core eval)."""
+
+
+def hook_entry(cfg: RunConfig, hook_name: str):
+    """The `hooks:` entry of the config that resolves to hook_name (ValueError naming both)."""
+    names = {h.module or f"blocks.{h.layer}.hook_{h.site}": h for h in cfg.hooks}
+    if hook_name not in names:
+        raise ValueError(f"hook {hook_name!r} is not among the config's hooks {sorted(names)}")
+    return names[hook_name]
+
+
+def evaluate_hook(cfg: RunConfig, hook_name: str, saes: list[SAE], device: str = "cpu",
+                  log: Callable[[str], None] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(reference, per-SAE figures) of `lm.evaluate_lm` for SAEs that read `hook_name`, as the
+    module docstring lists; the reference also holds model_kind, eval_tokens, eval_contexts,
+    and setup_seconds (model load, contexts and mean)."""
+    from sae_ray.activations.corpus import resolve_dataset_path
+    from sae_ray.activations.hooks import resolve_hook
+    from sae_ray.activations.model import load_model
+    from sae_ray.activations.text import load_documents
+
+    for i, sae in enumerate(saes):
+        if sae.n_stack is not None:
+            raise ValueError(f"evaluate_hook: SAE {i} is a stack; evaluate its members (sae.unstack())")
+    start = time.perf_counter()
+    h = hook_entry(cfg, hook_name)
+    model, tokenizer = load_model(cfg.model.name, cfg.model.revision, cfg.model.dtype, device, cfg.model.trust_remote_code)
+    hook = resolve_hook(model, h.layer, h.site, h.module)
+    d = cfg.data
+    docs = load_documents(resolve_dataset_path(d.path, cfg.workdir_path()), d.text_column, d.split, d.name,
+                          streaming=d.streaming, trust_remote_code=cfg.model.trust_remote_code)
+    docs = itertools.islice(docs, d.max_documents)
+    contexts = held_out_contexts(tokenizer, docs, cfg.buffer.eval_fraction, d.context_size, cfg.eval.tokens)
+    mean = activation_mean(model, hook, contexts, cfg.eval.batch_size)
+    for i, sae in enumerate(saes):
+        if sae.cfg.d_in != mean.shape[0]:
+            raise ValueError(f"SAE {i}: d_in {sae.cfg.d_in}, but {hook.name} of {cfg.model.name} is {mean.shape[0]} wide")
+    setup = time.perf_counter() - start
+    ref, rows = evaluate_lm(model, hook, contexts, [s.to(device) for s in saes], mean, cfg.eval.batch_size, log=log)
+    ref.update(model_kind=model_kind(model), eval_tokens=contexts.n_tokens, eval_contexts=len(contexts.input_ids),
+               setup_seconds=setup, hook=hook.name, model=cfg.model.name)
+    return ref, rows
+
+
+def headline(row: dict[str, Any]) -> dict[str, float]:
+    """The figures of `lm.HEADLINE` that `row` has (registry tags, the summary)."""
+    return {k: row[k] for k in HEADLINE if k in row}
+
+
+def result_json(cfg: RunConfig, ref: dict[str, Any], row: dict[str, Any], sae: SAE) -> dict[str, Any]:
+    """A SAEBench-style result file: eval_type_id, eval_config, eval_id, datetime_epoch_millis,
+    eval_result_metrics (grouped as SAEBench's core eval groups them), eval_result_details,
+    sae_bench_commit_hash (None: not run by SAEBench), sae_lens_id/release (None), sae_cfg_dict."""
+    groups = {
+        "model_behavior_preservation": ["kl_div_score", "kl_div_with_ablation", "kl_div_with_sae",
+                                        "embedding_score", "embedding_cossim_with_ablation", "embedding_cossim_with_sae"],
+        "model_performance_preservation": ["ce_loss_score", "ce_loss_with_ablation", "ce_loss_with_sae",
+                                           "ce_loss_without_sae", "ce_loss_with_mean_ablation",
+                                           "ce_loss_score_mean_ablation", "delta_lm_loss"],
+        "reconstruction_quality": ["explained_variance", "fvu", "mse", "cossim"],
+        "shrinkage": ["l2_ratio", "relative_reconstruction_bias"],
+        "sparsity": ["l0", "l1"],
+        "misc_metrics": ["dead_fraction", "dense_fraction", "freq_over_1e-1", "freq_under_1e-5"],
+    }
+    metrics = {g: {k: row[k] for k in keys if k in row} for g, keys in groups.items()}
+    return {
+        "eval_type_id": EVAL_TYPE_ID,
+        "eval_config": {"model_name": cfg.model.name, "hook_name": ref["hook"], "context_size": cfg.data.context_size,
+                        "dataset": cfg.data.path, "eval_fraction": cfg.buffer.eval_fraction,
+                        "n_eval_tokens": ref["eval_tokens"], "batch_size_prompts": cfg.eval.batch_size,
+                        "llm_dtype": cfg.model.dtype, "exclude_special_tokens_from_reconstruction": True},
+        "eval_id": f"sae-ray-{int(time.time() * 1000)}",
+        "datetime_epoch_millis": int(time.time() * 1000),
+        "eval_result_metrics": {g: m for g, m in metrics.items() if m},
+        "eval_result_details": [],
+        "eval_result_unstructured": {"reference": {k: v for k, v in ref.items() if isinstance(v, (int, float, str))},
+                                     "seconds": row["seconds"]},
+        "sae_bench_commit_hash": None,
+        "sae_lens_id": None,
+        "sae_lens_release_id": None,
+        "sae_lens_version": None,
+        "sae_cfg_dict": {"architecture": sae.cfg.architecture, "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae,
+                         "hook_name": ref["hook"], "model_name": cfg.model.name, "k": sae.cfg.k,
+                         "dtype": str(sae.cfg.dtype)},
+    }
+
+
+def log_eval(client, run_id: str, cfg: RunConfig, ref: dict[str, Any], row: dict[str, Any], sae: SAE,
+             step: int = 0) -> dict[str, Any]:
+    """Into MLflow run `run_id`: every figure as `lm/<name>` metrics, and under `lm_eval/` the
+    SAEBench-style result.json, the per-latent firing frequencies (safetensors) and the
+    log-density plot. Returns the result dict."""
+    from sae_ray import tracking
+
+    scalars = {f"lm/{k}": float(v) for k, v in row.items() if isinstance(v, (int, float))}
+    scalars.update({f"lm/{k}": float(ref[k]) for k in ("eval_tokens", "setup_seconds", "shared_seconds") if k in ref})
+    tracking.log_metrics(client, run_id, scalars, step)
+    result = result_json(cfg, ref, row, sae)
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "result.json").write_text(json.dumps(result, indent=2) + "\n")
+        save_file({"frequencies": row["frequencies"].contiguous()}, str(Path(tmp, "frequencies.safetensors")))
+        plot_log_density(row["frequencies"], Path(tmp, "density.png"), f"{sae.cfg.architecture} d_sae {sae.cfg.d_sae}")
+        client.log_artifacts(run_id, tmp, EVAL_ARTIFACT_PATH)
+    return result
+
+
+def evaluate_runs(cfg: RunConfig, hook_name: str, runs: list[tuple[str, str]], device: str = "cpu",
+                  log: Callable[[str], None] | None = None) -> dict[str, dict[str, Any]]:
+    """Evaluate the SAEs that the MLflow runs `runs` ([(run_id, registered version or "")], all
+    of hook `hook_name`) saved; log each one's figures into its run (`log_eval`) and put the
+    headline figures into its registry version's tags. Returns {run_id: headline figures,
+    seconds (its own passes) and eval_seconds (its share of the whole evaluation)}."""
+    from sae_ray import tracking
+    from sae_ray.formats import load_sae_dir
+
+    client = tracking.client_for(cfg.tracking_uri())
+    start = time.perf_counter()
+    saes = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for run_id, _ in runs:
+            path = client.download_artifacts(run_id, tracking.SAE_ARTIFACT_PATH, tmp + "/" + run_id)
+            saes.append(load_sae_dir(path).eval())
+    ref, rows = evaluate_hook(cfg, hook_name, saes, device=device, log=log)
+    name = tracking.registry_name(cfg.model.name, hook_name)
+    total = time.perf_counter() - start
+    out = {}
+    for (run_id, version), sae, row in zip(runs, saes, rows):
+        log_eval(client, run_id, cfg, ref, row, sae)
+        figures = headline(row)
+        if version:
+            for k, v in figures.items():
+                tracking.retry(lambda k=k, v=v: client.set_model_version_tag(name, version, k, str(round(v, 6))))
+            client.set_model_version_tag(name, version, "lm_eval_tokens", str(ref["eval_tokens"]))
+        # its share of the evaluation: its own spliced pass, and an equal part of the shared work
+        out[run_id] = {**figures, "lm_eval_seconds": row["seconds"] + (total - sum(r["seconds"] for r in rows)) / len(rows)}
+    return out
