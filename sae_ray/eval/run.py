@@ -24,7 +24,7 @@ from typing import Any
 
 from safetensors.torch import save_file
 
-from sae_ray.config import RunConfig
+from sae_ray.config import ConfigError, RunConfig
 from sae_ray.eval.lm import HEADLINE, activation_mean, evaluate_lm, held_out_contexts, model_kind, plot_log_density
 from sae_ray.sae import SAE
 
@@ -38,7 +38,8 @@ def hook_entry(cfg: RunConfig, hook_name: str):
     """The `hooks:` entry of the config that resolves to hook_name (ValueError naming both)."""
     names = {h.module or f"blocks.{h.layer}.hook_{h.site}": h for h in cfg.hooks}
     if hook_name not in names:
-        raise ValueError(f"hook {hook_name!r} is not among the config's hooks {sorted(names)}")
+        raise ConfigError([f"hooks: {hook_name!r} is not among the config's hooks {sorted(names)}; "
+                           "evaluate with a config that captures it, or give --hook"])
     return names[hook_name]
 
 
@@ -167,3 +168,60 @@ def evaluate_runs(cfg: RunConfig, hook_name: str, runs: list[tuple[str, str]], d
         # its share of the evaluation: its own spliced pass, and an equal part of the shared work
         out[run_id] = {**figures, "lm_eval_seconds": row["seconds"] + (total - sum(r["seconds"] for r in rows)) / len(rows)}
     return out
+
+
+def eval_ref(cfg: RunConfig, ref: str, hook: str | None = None, output: str | Path | None = None,
+             tracking_uri: str | None = None, device: str = "cpu", log: Callable[[str], None] = print) -> dict[str, Any]:
+    """`sae-ray eval`: evaluate one SAE on the config's model and held-out documents.
+
+    ref: a registered version (`models:/NAME/3`, `NAME/3`, `NAME@alias`, `models:/NAME@alias`)
+    in the config's MLflow store (or `tracking_uri`), or a local path `sae_ray.load_sae` reads
+    (a SAELens or sparsify directory, a Gemma Scope params.npz). hook: the hook to splice at;
+    default the SAE's own hook_name, which must be one of the config's hooks. Writes an MLflow
+    eval run (tags sae_ray.kind=eval, sae_ray.evaluates=ref and, for a registered ref, the
+    version and its training run), updates a registered version's tags with the headline
+    figures (and lm_eval_run), and writes the SAEBench-style result to `output` (default
+    <workdir>/eval/<name>_core.json). Returns the result dict.
+    """
+    import sae_ray
+    from sae_ray import tracking
+
+    uri = tracking_uri or cfg.tracking_uri()
+    client = tracking.client_for(uri)
+    version = None
+    if Path(ref).expanduser().exists():
+        sae = sae_ray.load_sae(str(Path(ref).expanduser()))
+        label = Path(ref).expanduser().resolve().name
+    else:
+        try:
+            version = tracking.resolve_version(client, ref)
+        except Exception as e:  # MLflow's own error for an unknown name or alias
+            raise FileNotFoundError(f"sae-ray eval: REF {ref!r} is neither a local path nor a registered version in "
+                                    f"{uri} ({' '.join(str(e).split())[:200]}); see `sae-ray registry list`") from None
+        sae = sae_ray.load_sae(f"models:/{version.name}/{version.version}", tracking_uri=uri)
+        label = f"{version.name}_v{version.version}"
+    hook = hook or sae.cfg.hook_name
+    if not hook:
+        raise ConfigError([f"--hook: the SAE of {ref!r} names no hook; give one of the config's hooks"], "sae-ray eval")
+    hook_entry(cfg, hook)  # a clear error before the model loads
+    ref_figs, (row,) = evaluate_hook(cfg, hook, [sae], device=device, log=None)
+    experiment_id = tracking.ensure_experiment(uri, cfg.tracking.experiment, cfg.artifact_location())
+    tags = {"sae_ray.kind": "eval", "sae_ray.evaluates": ref, "sae_ray.hook": hook}
+    if version is not None:
+        tags.update({"sae_ray.model_version": f"{version.name}/{version.version}", "sae_ray.source_run": version.run_id or ""})
+    run_id = tracking.start_run(uri, experiment_id, f"eval-{label}", tags=tags)
+    result = log_eval(client, run_id, cfg, ref_figs, row, sae)
+    client.set_terminated(run_id)
+    if version is not None:
+        for k, v in headline(row).items():
+            tracking.retry(lambda k=k, v=v: client.set_model_version_tag(version.name, version.version, k, str(round(v, 6))))
+        client.set_model_version_tag(version.name, version.version, "lm_eval_run", run_id)
+    path = Path(output) if output else cfg.workdir_path() / "eval" / f"{label.replace('/', '_')}_core.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    for group, figures in result["eval_result_metrics"].items():
+        log(f"{group}: " + ", ".join(f"{k} {v:.4g}" for k, v in figures.items()))
+    log(f"{ref_figs['eval_tokens']:,} held-out tokens of {ref_figs['model']} at {hook}; "
+        f"{row['seconds']:.1f} s for this SAE, {ref_figs['setup_seconds'] + ref_figs['shared_seconds']:.1f} s shared")
+    log(f"result {path}; MLflow eval run {run_id}")
+    return result
