@@ -394,9 +394,9 @@ def test_load_errors_name_the_file(tmp_path):
         load_saelens(tmp_path)
     save_saelens(make("topk"), tmp_path)
     cfg = json.loads((tmp_path / CFG_FILENAME).read_text())
-    cfg["apply_b_dec_to_input"] = False
+    cfg["normalize_activations"] = "layer_norm"  # per-row: cannot be folded into the weights
     (tmp_path / CFG_FILENAME).write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="cfg.json.*apply_b_dec_to_input"):
+    with pytest.raises(ValueError, match="cfg.json.*normalize_activations"):
         load_saelens(tmp_path)
 
 
