@@ -68,6 +68,16 @@ def cmd_cache(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from sae_ray.devices import pick_device
+    from sae_ray.eval.run import eval_ref
+
+    cfg = _load(args)
+    eval_ref(cfg, args.ref, hook=args.hook, output=args.output, tracking_uri=args.tracking_uri,
+             device=str(pick_device(cfg.model.device)))
+    return 0
+
+
 def _tracking_uri(args) -> str:
     from sae_ray import default_tracking_uri
 
@@ -83,6 +93,27 @@ def _tracking_uri(args) -> str:
 KEY_TAGS = ["architecture", "d_sae", "k", "l1_coefficient", "l0", "fvu", "dead_fraction", "tokens_seen"]
 
 
+def _registry_command(fn):
+    """A registry command whose input the registry cannot take (a filter value, a sort key, a
+    reference to no version) prints one line naming the flag, the value and what is accepted,
+    with exit code 2, not a traceback (SAE_RAY_TRACEBACK=1 shows it)."""
+    import functools
+
+    @functools.wraps(fn)
+    def run(args) -> int:
+        from sae_ray.tracking.registry import QueryError
+
+        try:
+            return fn(args)
+        except QueryError as e:
+            if os.environ.get("SAE_RAY_TRACEBACK", "") not in ("", "0"):
+                raise
+            print(f"error: {e.cli_message()}", file=sys.stderr)
+            return 2
+
+    return run
+
+
 def cmd_registry_list(args) -> int:
     from sae_ray import tracking
 
@@ -91,26 +122,63 @@ def cmd_registry_list(args) -> int:
     if not models:
         print("no registered SAEs")
     for m in models:
-        aliases = {v: a for a, v in (m.aliases or {}).items()}
+        aliases: dict[str, list[str]] = {}
+        for a, v in sorted((m.aliases or {}).items()):
+            aliases.setdefault(str(v), []).append(a)
         print(m.name)
         for v in sorted(client.search_model_versions(f"name = '{m.name}'"), key=lambda v: int(v.version)):
             tags = "  ".join(f"{k}={v.tags[k]}" for k in KEY_TAGS if k in v.tags)
-            alias = f" @{aliases[v.version]}" if v.version in aliases else ""
+            alias = "".join(f" @{a}" for a in aliases.get(str(v.version), []))
             print(f"  v{v.version}{alias}  {tags}")
     return 0
 
 
 def cmd_registry_show(args) -> int:
     from sae_ray import tracking
+    from sae_ray.tracking.registry import resolve
 
     client = tracking.client_for(_tracking_uri(args))
-    mv = tracking.resolve_version(client, args.ref)
+    mv = resolve(client, args.ref)
     print(f"{mv.name} version {mv.version}")
     print(f"  source: {mv.source}")
     print(f"  run:    {mv.run_id}")
     print(f"  uri:    models:/{mv.name}/{mv.version}")
     for k in sorted(mv.tags):
         print(f"  {k}: {mv.tags[k]}")
+    return 0
+
+
+def cmd_registry_find(args) -> int:
+    import json
+
+    from sae_ray.tracking.registry import QueryError, find_saes, find_table
+
+    tags = {}
+    for text in args.tag:
+        key, sep, value = text.partition("=")
+        if not sep or not key.strip():
+            raise QueryError("tags", text, "expected KEY=VALUE, e.g. --tag eval_split=held-out")
+        tags[key.strip()] = value
+    rows = find_saes(_tracking_uri(args), model=args.model, hook=args.hook, layer=args.layer,
+                     architecture=args.architecture, d_sae=args.d_sae, min_l0=args.min_l0, max_l0=args.max_l0,
+                     target_l0=args.target_l0, verdict=args.verdict, tags=tags, sort=args.sort, desc=args.desc,
+                     limit=args.limit)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif not rows:
+        print("no registered SAE matches (all of them: sae-ray registry find)")
+    else:
+        print(find_table(rows, args.sort))
+    return 0
+
+
+def cmd_registry_compare(args) -> int:
+    import json
+
+    from sae_ray.tracking.registry import compare_saes, compare_table
+
+    rows = compare_saes(args.refs, _tracking_uri(args))
+    print(json.dumps(rows, indent=2) if args.json else compare_table(rows))
     return 0
 
 
@@ -136,15 +204,46 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--static", action="store_true", help="skip the data and buffer checks")
     v.set_defaults(fn=cmd_validate)
 
+    e = sub.add_parser("eval", help="LM-level evaluation of one SAE on the config's model and held-out documents",
+                       description="Splice the SAE into the config's model at its hook on held-out documents: "
+                                   "CE loss recovered, KL, delta LM loss (causal LMs) or embedding cosine "
+                                   "(encoders), reconstruction and feature-density figures.")
+    e.add_argument("--config", required=True, help="run config: the model, hooks, data and held-out split to evaluate on")
+    e.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a config field (repeatable)")
+    e.add_argument("ref", help="models:/NAME/VERSION, NAME/VERSION, NAME@ALIAS, or a local SAELens / sparsify directory "
+                               "or Gemma Scope params.npz")
+    e.add_argument("--hook", default=None, help="hook to splice at (default: the SAE's own hook_name)")
+    e.add_argument("--output", default=None, help="SAEBench-style result JSON (default <workdir>/eval/<name>_core.json)")
+    e.add_argument("--tracking-uri", default=None, help="MLflow store of the registry (default: the config's)")
+    e.set_defaults(fn=cmd_eval)
+
     reg = sub.add_parser("registry", help="look up registered SAEs").add_subparsers(dest="registry_command", required=True)
-    for name, fn, hlp in [("list", cmd_registry_list, "registered models and their versions"),
-                          ("show", cmd_registry_show, "one version: NAME, NAME@ALIAS or NAME/VERSION")]:
-        sp = reg.add_parser(name, help=hlp)
-        if name == "show":
-            sp.add_argument("ref")
+    listing = reg.add_parser("list", help="registered models and their versions")
+    show = reg.add_parser("show", help="one version: NAME, NAME@ALIAS or NAME/VERSION")
+    show.add_argument("ref")
+    find = reg.add_parser("find", help="registered SAEs by model, hook, width, L0, verdict or any tag, sorted",
+                          description="Registered SAEs that match every filter given, e.g. "
+                                      "sae-ray registry find --layer 3 --max-l0 64 --sort fvu --limit 5")
+    for flag, hlp in [("--model", "model name or path, as in the run config"), ("--hook", "hook name, e.g. blocks.3.hook_resid_post"),
+                      ("--layer", "block index of the hook"), ("--architecture", "e.g. topk, jumprelu"),
+                      ("--d-sae", "number of latents"), ("--min-l0", "held-out L0 at least this"),
+                      ("--max-l0", "held-out L0 at most this"), ("--target-l0", "the L0 the SAE was trained to reach"),
+                      ("--verdict", "the quality monitor's verdict: ok, warn or stopped")]:
+        find.add_argument(flag, default=None, help=hlp)
+    find.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
+                      help="any field or version tag equal to VALUE (as numbers when both are); repeatable")
+    find.add_argument("--sort", default=None, metavar="KEY", help="sort by a field or tag, e.g. fvu, l0, tokens_seen")
+    find.add_argument("--desc", action="store_true", help="sort from the largest")
+    find.add_argument("--limit", default=None, metavar="N", help="print at most N SAEs")
+    find.add_argument("--json", action="store_true", help="print the rows as JSON")
+    compare = reg.add_parser("compare", help="registered SAEs side by side: REF is NAME/VERSION, NAME@ALIAS or models:/NAME/VERSION")
+    compare.add_argument("refs", nargs="+", metavar="REF")
+    compare.add_argument("--json", action="store_true", help="print the rows as JSON")
+    for sp, fn in [(listing, cmd_registry_list), (show, cmd_registry_show), (find, cmd_registry_find),
+                   (compare, cmd_registry_compare)]:
         sp.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: from --config, $MLFLOW_TRACKING_URI, or runs/default)")
         sp.add_argument("--config", default=None, help="take the tracking URI from this run config")
-        sp.set_defaults(fn=fn)
+        sp.set_defaults(fn=_registry_command(fn))
     from sae_ray.bench import add_bench_commands
     from sae_ray.buffer.commands import add_buffer_commands
 

@@ -67,5 +67,6 @@ def test_sweep_tracks_to_a_remote_server(tmp_path, tiny_model_factory, sample_te
     name = tracking.registry_name(model_dir, "blocks.1.hook_resid_post")
     (version,) = client.search_model_versions(f"name = '{name}'")
     assert version.run_id == result.rows[0]["mlflow_run_id"]
-    sae = sae_ray.load_sae(f"models:/{name}@best-fvu", tracking_uri=mlflow_server)
+    # by version: this short run is "warn" (fairly dense), and best-fvu goes only to an ok SAE
+    sae = sae_ray.load_sae(f"models:/{name}/{version.version}", tracking_uri=mlflow_server)
     assert sae.cfg.k == 4 and sae.W_dec.shape == (64, 32)

@@ -134,7 +134,8 @@ def train_trial(config: dict[str, Any]) -> None:
             version = None
             if cfg.tracking.register_models:
                 tags = {
-                    **t.tags(), "l0": round(final["l0"], 4), "fvu": round(final["fvu"], 6),
+                    **t.tags(), "model": cfg.model.name,
+                    **({} if t.hook_layer is None else {"layer": t.hook_layer}), "l0": round(final["l0"], 4), "fvu": round(final["fvu"], 6),
                     "dead_fraction": round(final["dead_fraction"], 6), "tokens_seen": final["tokens_seen"],
                     "eval_split": "held-out", "eval_rows": len(x), "run_id": run_id, **quality,
                     **({} if aim["coefficient"] is None else {t.sparsity_param: round(aim["coefficient"], 6)}),

@@ -1,7 +1,9 @@
 """MLflow: experiments, parent/child runs, SAE artifacts, the model registry, lookups.
 
 Everything goes through an explicit `MlflowClient(tracking_uri)` rather than MLflow's
-global state, because trials run in other processes (and on other machines).
+global state, because trials run in other processes (and on other machines). MLflow is
+imported inside the functions that use it, so `import sae_ray` (which exports
+`find_saes` from `tracking.registry`) does not pay for importing MLflow.
 """
 
 from __future__ import annotations
@@ -12,11 +14,10 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from mlflow import MlflowClient
-from mlflow.entities import Metric, Param
-from mlflow.exceptions import MlflowException
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 SAE_ARTIFACT_PATH = "sae"
 """Artifact folder, inside a trial's run, that holds the SAELens-layout SAE."""
@@ -25,11 +26,15 @@ T = TypeVar("T")
 
 
 def client_for(uri: str) -> MlflowClient:
+    from mlflow import MlflowClient
+
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def retry(fn: Callable[[], T], attempts: int = 8, wait: float = 0.25) -> T:
     """Run fn, retrying on errors such as sqlite's 'database is locked' (several trials write at once)."""
+    from mlflow.exceptions import MlflowException
+
     for i in range(attempts):
         try:
             return fn()
@@ -68,12 +73,16 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
     flat = [Param(k, v[:6000]) for k, v in flatten(params).items()]
     for i in range(0, len(flat), 100):  # MLflow takes at most 100 params per batch
         retry(lambda: client.log_batch(run_id, params=flat[i : i + 100]))
 
 
 def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int) -> None:
+    from mlflow.entities import Metric
+
     ts = int(time.time() * 1000)
     batch = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
     retry(lambda: client.log_batch(run_id, metrics=batch))
@@ -91,11 +100,16 @@ def registry_name(model_name: str, hook_name: str) -> str:
 
     '/' and ':' are replaced because `models:/NAME/VERSION` URIs split on them.
     """
+    return f"{model_key(model_name)}__{hook_name}"
+
+
+def model_key(model_name: str) -> str:
+    """The model's part of its registry names: 'EleutherAI/pythia-70m' -> 'EleutherAI--pythia-70m',
+    a local path -> its last folder's name."""
     model = model_name.removeprefix("package:").rstrip("/")
     if model.startswith(("/", ".", "~")):
         model = Path(model).name
-    model = re.sub(r"[/:@\s]+", "--", model.strip("/"))
-    return f"{model}__{hook_name}"
+    return re.sub(r"[/:@\s]+", "--", model.strip("/"))
 
 
 def find_run(client: MlflowClient, experiment_id: str, tags: dict[str, str]) -> str | None:
@@ -118,12 +132,21 @@ def close_open_runs(client: MlflowClient, experiment_id: str, parent_run_id: str
 
 def register_sae(client: MlflowClient, name: str, run_id: str, tags: dict[str, Any]) -> str:
     """Register the run's SAE artifact as a version of `name`; returns the version. Idempotent:
-    a run that already has a version of `name` gets that version back, not a second one."""
+    a run that already has a version of `name` gets that version back, not a second one.
+    A registered model is created with its description and its model, hook and d_in tags
+    (`registry.describe_model`); each sweep's end refreshes them (`registry.refresh_model`)."""
+    from mlflow.exceptions import MlflowException
+
+    from sae_ray.tracking.registry import describe_model
+
     existing = retry(lambda: client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"))
     if existing:
         return min(existing, key=lambda v: int(v.version)).version
+    hook = str(tags.get("hook") or name.split("__", 1)[-1])
+    model = str(tags.get("model") or name.split("__", 1)[0])
+    description, model_tags = describe_model(model, hook, tags.get("d_in"))
     try:
-        retry(lambda: client.create_registered_model(name))
+        retry(lambda: client.create_registered_model(name, tags=model_tags, description=description))
     except MlflowException as e:
         if "already exists" not in str(e).lower() and "RESOURCE_ALREADY_EXISTS" not in str(e):
             raise

@@ -1,5 +1,6 @@
 """The sweep's report: the summary table, the L0/FVU frontier plot, and what goes into the
-parent MLflow run (those files, producer figures, the best-fvu alias per registered model). No Ray.
+parent MLflow run (those files, producer figures); then each registered model's aliases and
+description (`registry.refresh_model`). No Ray.
 """
 
 from __future__ import annotations
@@ -56,8 +57,9 @@ def plot_frontier(rows: list[dict[str, Any]], path: Path) -> None:
 
 def log_summary(client, run_id: str, rows: list[dict], producer_stats: list[dict], model_name: str,
                 register_models: bool) -> None:
-    """Into the parent run: summary.txt, summary.json, frontier.png, buffer figures; then the
-    `best-fvu` alias on each registered model (one per hook) for its lowest-FVU version."""
+    """Into the parent run: summary.txt, summary.json, frontier.png, buffer figures; then, on each
+    registered model the sweep trained into (one per hook), the `best-fvu` and `l0-N-best`
+    aliases for its best ok versions, this sweep's and earlier ones', and its description."""
     with tempfile.TemporaryDirectory() as tmp:
         plot_frontier(rows, Path(tmp, "frontier.png"))
         Path(tmp, "summary.txt").write_text(format_table(rows) + "\n")
@@ -69,9 +71,7 @@ def log_summary(client, run_id: str, rows: list[dict], producer_stats: list[dict
             "producer_tokens_per_s": sum(s["tokens_per_s"] for s in producer_stats),
         }, 0)
     if register_models:
-        for hook in {row["hook"] for row in rows}:
-            mine = [row for row in rows if row["hook"] == hook and row["version"] and row["fvu"] is not None]
-            if mine:
-                best = min(mine, key=lambda row: row["fvu"])
-                name = tracking.registry_name(model_name, hook)
-                tracking.retry(lambda: client.set_registered_model_alias(name, "best-fvu", best["version"]))
+        from sae_ray.tracking.registry import refresh_model
+
+        for hook in sorted({row["hook"] for row in rows if row["version"]}):
+            refresh_model(client, tracking.registry_name(model_name, hook), model=model_name)
