@@ -79,3 +79,22 @@ def test_eval_of_a_local_directory_and_bad_refs(setup, capsys):
     assert "no-such-model/3" in err and "registry list" in err and "Traceback" not in err
     assert main(["eval", str(local), "--config", path, "--hook", "blocks.0.hook_resid_post"]) == 2
     assert "blocks.0.hook_resid_post" in capsys.readouterr().err
+
+
+def test_eval_with_absorption_on_a_causal_lm_and_refused_on_an_encoder(setup, tiny_model_factory, capsys):
+    cfg, path, local, _ = setup
+    out = cfg.workdir_path() / "abs.json"
+    assert main(["eval", str(local), "--config", path, "--set", "eval.absorption=true", "--output", str(out)]) == 0
+    figures = json.loads(out.read_text())["eval_result_metrics"]["absorption"]
+    assert figures["absorption_words"] > 0  # the tiny vocabulary's letter-only tokens, prompted and probed
+    assert 0 <= figures["absorption_n_letters"] <= 26
+    raw = yaml.safe_load(open(path))
+    raw["model"]["name"] = tiny_model_factory("bert")
+    bert = cfg.workdir_path().parent / "bert.yaml"
+    bert.write_text(yaml.safe_dump(raw))
+    sae = create_sae(SAEConfig(architecture="topk", d_in=32, d_sae=64, k=4, hook_name=HOOK))
+    save_saelens(sae, cfg.workdir_path().parent / "bert-sae")
+    capsys.readouterr()
+    assert main(["eval", str(cfg.workdir_path().parent / "bert-sae"), "--config", str(bert),
+                 "--set", "eval.absorption=true"]) == 2
+    assert "eval.absorption" in capsys.readouterr().err

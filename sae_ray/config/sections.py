@@ -190,6 +190,8 @@ class EvalConfig(Section):
     lm: bool = Field(True, description="Splice each SAE into the model at its hook on held-out documents and measure CE loss recovered, KL and delta LM loss (causal LMs) or the embedding cosine (encoders), with the reconstruction and feature-density figures; the clean and ablated passes run once per hook, not per SAE. Logged to each SAE's run, headline figures in its registry tags and the summary.")
     tokens: int = Field(8192, gt=0, description="Held-out tokens (spliced positions) per hook. SAEBench's core eval uses about 400k (200 batches of 16 contexts of 128); 8192 is sized for a laptop CPU.")
     batch_size: int = Field(8, gt=0, description="Contexts per forward pass of the evaluation.")
+    absorption: bool = Field(False, description="Also SAEBench's first-letter absorption (sae_ray.eval.absorption; causal LMs only): a letter probe on the model's single-token words, the SAE's main latents per letter, and how often another latent absorbs the letter. Off by default: it prompts the model once per word, minutes on a CPU; SAEBench says its figures mean something from ~1B-parameter models and 16k-latent SAEs.")
+    absorption_words: int | None = Field(2000, gt=0, description="Words (single-token, letters only) drawn from the vocabulary for absorption, seeded; None: all of them, as SAEBench.")
 
 
 class RunConfig(Section):

@@ -70,7 +70,8 @@ CAUSAL_METRICS = ("ce_loss_without_sae", "ce_loss_with_sae", "ce_loss_with_ablat
 ENCODER_METRICS = ("embedding_cossim_with_sae", "embedding_cossim_with_ablation", "embedding_score")
 RECONSTRUCTION_METRICS = ("explained_variance", "fvu", "mse", "cossim", "l2_ratio", "relative_reconstruction_bias",
                           "l0", "l1", "dead_fraction", "dense_fraction", "freq_over_1e-1", "freq_under_1e-5")
-HEADLINE = ("ce_loss_score", "kl_div_score", "delta_lm_loss", "kl_div_with_sae", "embedding_score", "explained_variance")
+HEADLINE = ("ce_loss_score", "kl_div_score", "delta_lm_loss", "kl_div_with_sae", "embedding_score", "explained_variance",
+            "absorption_mean_absorption_fraction_score", "absorption_mean_full_absorption_score")
 """The figures that go into the registry tags and the sweep summary (those that apply)."""
 
 

@@ -73,7 +73,39 @@ def evaluate_hook(cfg: RunConfig, hook_name: str, saes: list[SAE], device: str =
     ref, rows = evaluate_lm(model, hook, contexts, [s.to(device) for s in saes], mean, cfg.eval.batch_size, log=log)
     ref.update(model_kind=model_kind(model), eval_tokens=contexts.n_tokens, eval_contexts=len(contexts.input_ids),
                setup_seconds=setup, hook=hook.name, model=cfg.model.name)
+    if cfg.eval.absorption:
+        if ref["model_kind"] != "causal":
+            raise ConfigError([f"eval.absorption: {cfg.model.name} has no next-token head; the first-letter "
+                               "absorption metric is for causal LMs (set eval.absorption: false)"])
+        for row, figures in zip(rows, absorption(cfg, model, tokenizer, hook_name, saes)):
+            row.update(figures)
     return ref, rows
+
+
+def absorption(cfg: RunConfig, model, tokenizer, hook_name: str, saes: list[SAE]) -> list[dict[str, float]]:
+    """Per SAE, SAEBench's first-letter absorption figures as absorption_<name>: the words'
+    activations and the letter probe once for the hook, then each SAE (`eval.absorption`)."""
+    import numpy as np
+
+    from sae_ray.eval.absorption import AbsorptionConfig, alpha_words, first_letter_absorption, letter_activations, \
+        train_letter_probe
+
+    acfg = AbsorptionConfig()
+    words = alpha_words(tokenizer, acfg.min_length)
+    if cfg.eval.absorption_words is not None and len(words) > cfg.eval.absorption_words:
+        pick = np.random.default_rng(acfg.seed).choice(len(words), cfg.eval.absorption_words, replace=False)
+        words = [words[i] for i in sorted(pick)]
+    start = time.perf_counter()
+    data = letter_activations(model, tokenizer, hook_name, acfg, words=words)
+    probe = train_letter_probe(data.x[data.train], data.labels[data.train], acfg)
+    shared = time.perf_counter() - start
+    out = []
+    for sae in saes:
+        t0 = time.perf_counter()
+        result = first_letter_absorption(sae.cpu(), data.x, data.labels, data.train, probe, acfg)
+        out.append({**result.summary(prefix="absorption_"), "absorption_words": float(len(data.labels)),
+                    "absorption_seconds": time.perf_counter() - t0 + shared / len(saes)})
+    return out
 
 
 def headline(row: dict[str, Any]) -> dict[str, float]:
@@ -95,6 +127,8 @@ def result_json(cfg: RunConfig, ref: dict[str, Any], row: dict[str, Any], sae: S
         "shrinkage": ["l2_ratio", "relative_reconstruction_bias"],
         "sparsity": ["l0", "l1"],
         "misc_metrics": ["dead_fraction", "dense_fraction", "freq_over_1e-1", "freq_under_1e-5"],
+        "absorption": ["absorption_mean_absorption_fraction_score", "absorption_mean_full_absorption_score",
+                       "absorption_mean_num_split_features", "absorption_n_letters", "absorption_words"],
     }
     metrics = {g: {k: row[k] for k in keys if k in row} for g, keys in groups.items()}
     return {
