@@ -236,6 +236,9 @@ def resource_problems(cfg: RunConfig, available: dict[str, Any] | None = None, a
     if not fits(r.cpus_per_trial, r.gpus_per_trial):
         problems.append(f"resources: cpus_per_trial={r.cpus_per_trial:g}, gpus_per_trial={r.gpus_per_trial:g}: one trial does not "
                         f"fit: {has}; Tune would wait for it forever: lower resources.cpus_per_trial / resources.gpus_per_trial")
+    if cfg.eval.lm and cfg.eval.num_cpus is not None and not fits(cfg.eval.num_cpus, p.num_gpus):
+        problems.append(f"eval.num_cpus: value {cfg.eval.num_cpus:g} (with a producer's {p.num_gpus:g} GPUs): the evaluation "
+                        f"task does not fit: {has}; Ray would wait for it forever: lower eval.num_cpus")
     for field, device in (("model.device", cfg.model.device), ("train.device", cfg.train.device)):
         if device.startswith("cuda") and gpu < eps:
             problems.append(f"{field}: value {device!r}: {has}; use 'auto' (cuda where there is a GPU, else cpu) or 'cpu'")

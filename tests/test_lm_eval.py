@@ -154,3 +154,48 @@ def test_encoder_gets_embedding_figures(tmp_path):
     assert same["embedding_cossim_with_sae"] == pytest.approx(1.0, abs=1e-5)
     assert same["embedding_score"] == pytest.approx(1.0, abs=1e-4)
     assert other["embedding_cossim_with_sae"] < 1 - 1e-4
+
+
+def test_masked_lm_gets_the_masked_token_loss(tmp_path):
+    from transformers import BertConfig, BertForMaskedLM
+
+    from sae_ray.eval.lm import _masked_positions, model_kind
+    from tests.tiny_models import make_tokenizer
+
+    tok = make_tokenizer(tmp_path / "mlm", style="bert")
+    torch.manual_seed(0)
+    BertForMaskedLM(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                               intermediate_size=64, max_position_embeddings=64, pad_token_id=tok.pad_token_id)
+                    ).save_pretrained(tmp_path / "mlm")
+    model, tok = load_model(str(tmp_path / "mlm"))
+    assert model_kind(model) == "masked"
+    hook = resolve_hook(model, 0, "resid_post")
+    ctx = held_out_contexts(tok, DOCS, 0.2, 32, n_tokens=200)
+    mean = activation_mean(model, hook, ctx)
+    sae = random_sae(mean.shape[0]).eval()
+    ref, (same, row) = evaluate_lm(model, hook, ctx, [identity_sae(mean.shape[0]), sae], mean, batch_size=100,
+                                   mask_token_id=tok.mask_token_id)
+    assert same["ce_loss_with_sae"] == pytest.approx(ref["ce_loss_without_sae"], abs=1e-5)
+    assert same["kl_div_with_sae"] == pytest.approx(0.0, abs=1e-5)
+    # by hand (one batch: the masked positions are those of seed 0)
+    masked = _masked_positions(ctx.keep, 0)
+    assert masked.sum() == ref["scored_tokens"] and (masked.sum(1) >= 1).all()
+    ids = ctx.input_ids.masked_fill(masked, tok.mask_token_id)
+    keep = ctx.keep & ~masked
+    clean = model(input_ids=ids, attention_mask=ctx.attention_mask).logits
+    assert ref["ce_loss_without_sae"] == pytest.approx(F.cross_entropy(clean[masked], ctx.input_ids[masked]).item(), rel=1e-4)
+    block = model.get_submodule(hook.module_path)
+
+    def with_sae(m, a, out):
+        h = (out if torch.is_tensor(out) else out[0]).clone()
+        h[keep] = sae.decode(sae.encode(h[keep]))
+        return h if torch.is_tensor(out) else (h, *out[1:])
+
+    handle = block.register_forward_hook(with_sae)
+    try:
+        spliced = model(input_ids=ids, attention_mask=ctx.attention_mask).logits
+    finally:
+        handle.remove()
+    assert row["ce_loss_with_sae"] == pytest.approx(F.cross_entropy(spliced[masked], ctx.input_ids[masked]).item(), rel=1e-4)
+    with pytest.raises(ValueError, match="mask_token_id"):
+        evaluate_lm(model, hook, ctx, [sae], mean)

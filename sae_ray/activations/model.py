@@ -30,6 +30,7 @@ from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
+    AutoModelForMaskedLM,
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -163,6 +164,11 @@ def is_causal_lm(config) -> bool:
     return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in (config.architectures or []))
 
 
+def is_masked_lm(config) -> bool:
+    """True when the config's `architectures` name a masked LM (`...ForMaskedLM`)."""
+    return any(a.endswith("ForMaskedLM") for a in (config.architectures or []))
+
+
 def load_model(
     name: str,
     revision: str | None = None,
@@ -173,7 +179,8 @@ def load_model(
     """Load a model and its tokenizer with `from_pretrained`.
 
     Causal LMs (by `config.architectures`) load through `AutoModelForCausalLM`,
-    keeping the LM head (logits are needed for delta LM loss); anything else,
+    keeping the LM head (logits are needed for delta LM loss), masked LMs through
+    `AutoModelForMaskedLM` (the MLM loss); anything else,
     e.g. an encoder like BERT, through `AutoModel`. The model is returned in
     eval mode on `device` with gradients off.
 
@@ -184,7 +191,7 @@ def load_model(
     path = resolve_model_path(name)
     common = dict(revision=revision, trust_remote_code=trust_remote_code)
     config = AutoConfig.from_pretrained(path, **common)
-    auto = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
+    auto = AutoModelForCausalLM if is_causal_lm(config) else AutoModelForMaskedLM if is_masked_lm(config) else AutoModel
     model = auto.from_pretrained(path, config=config, dtype=TORCH_DTYPES[dtype], **common)
     model.to(device)
     model.eval()

@@ -16,19 +16,21 @@ def _evaluate(cfg: dict, hook: str, runs: list[tuple[str, str]]) -> dict[str, di
     from sae_ray.eval.run import evaluate_runs
 
     run_cfg = RunConfig.model_validate(cfg)
-    return evaluate_runs(run_cfg, hook, runs, device=str(pick_device(run_cfg.model.device)))
+    return evaluate_runs(run_cfg, hook, runs, device=str(pick_device(run_cfg.model.device)),
+                         log=lambda line: print(f"[sae-ray] {hook}: {line}", flush=True))
 
 
 def evaluate_sweep(cfg: RunConfig, rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """{mlflow run id: headline LM figures} for the summary rows that trained an SAE (l0 not None),
-    one task per hook with the producers' resources; {} when eval.lm is off."""
+    one task per hook (eval.num_cpus, else a producer's CPUs; a producer's GPU share); {} when
+    eval.lm is off."""
     if not cfg.eval.lm:
         return {}
     by_hook: dict[str, list[tuple[str, str]]] = {}
     for row in rows:
         if row["l0"] is not None and row["mlflow_run_id"]:
             by_hook.setdefault(row["hook"], []).append((row["mlflow_run_id"], row["version"] or ""))
-    task = _evaluate.options(num_cpus=cfg.producers.num_cpus, num_gpus=cfg.producers.num_gpus)
+    task = _evaluate.options(num_cpus=cfg.eval.num_cpus or cfg.producers.num_cpus, num_gpus=cfg.producers.num_gpus)
     refs = [task.remote(cfg.model_dump(mode="json"), hook, runs) for hook, runs in by_hook.items()]
     out: dict[str, dict[str, Any]] = {}
     for part in ray.get(refs):

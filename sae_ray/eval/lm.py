@@ -34,6 +34,9 @@ The figures, named as SAEBench's core eval names them (and SAELens's `run_evals`
   dead_fraction (fired on none of the tokens: frequency 0), dense_fraction (frequency above
   0.1), freq_over_1e-1 (the same share, by SAEBench's name) and freq_under_1e-5 (fired on
   fewer than 1 in 100,000 tokens; with fewer tokens than that it is the dead share);
+- masked LMs (`...ForMaskedLM`, e.g. BERT with its MLM head): the same CE and KL figures, of
+  the masked tokens: 15% of the kept tokens of each context [MASK]ed (seeded, the same in every
+  pass), scored on the token they hid; the SAE replaces the other kept tokens' activations;
 - encoders (no LM head): no next-token distribution, so embedding_cossim_with_sae and
   embedding_cossim_with_ablation (mean cosine of the mean-pooled last hidden state, spliced vs
   clean) and embedding_score = (cos_sae − cos_ablation) / (1 − cos_ablation) take the place of
@@ -75,16 +78,25 @@ HEADLINE = ("ce_loss_score", "kl_div_score", "delta_lm_loss", "kl_div_with_sae",
 """The figures that go into the registry tags and the sweep summary (those that apply)."""
 
 
+MODEL_KINDS = ("causal", "masked", "encoder")
+
+
 def metrics_for(model_kind: str) -> tuple[str, ...]:
-    """The figures `evaluate_lm` gives for a model kind: "causal" (a next-token head) or "encoder"."""
-    if model_kind not in ("causal", "encoder"):
-        raise ValueError(f"model kind {model_kind!r}: expected 'causal' or 'encoder'")
-    return (CAUSAL_METRICS if model_kind == "causal" else ENCODER_METRICS) + RECONSTRUCTION_METRICS
+    """The figures `evaluate_lm` gives for a model kind (`model_kind`): the CE and KL figures
+    for "causal" (next token) and "masked" (masked tokens), the embedding figures for "encoder"."""
+    if model_kind not in MODEL_KINDS:
+        raise ValueError(f"model kind {model_kind!r}: expected one of {MODEL_KINDS}")
+    return (ENCODER_METRICS if model_kind == "encoder" else CAUSAL_METRICS) + RECONSTRUCTION_METRICS
 
 
 def model_kind(model: nn.Module) -> str:
-    """"causal" for a model with a next-token head (`...ForCausalLM`, `...LMHeadModel`), else "encoder"."""
-    return "causal" if is_causal_lm(model.config) else "encoder"
+    """"causal" for a next-token head (`...ForCausalLM`, `...LMHeadModel`), "masked" for a
+    masked-LM head (`...ForMaskedLM`), else "encoder" (no LM head: a bare encoder)."""
+    if is_causal_lm(model.config):
+        return "causal"
+    if any(a.endswith("ForMaskedLM") for a in (model.config.architectures or [])):
+        return "masked"
+    return "encoder"
 
 
 @dataclass
@@ -182,15 +194,19 @@ class _SAESums(_Sums):
 
 @torch.no_grad()
 def evaluate_lm(model: nn.Module, hook: ResolvedHook, contexts: EvalContexts, saes: list[SAE], mean: Tensor,
-                batch_size: int = 8, log: Callable[[str], None] | None = None) -> tuple[dict[str, float], list[dict]]:
+                batch_size: int = 8, log: Callable[[str], None] | None = None,
+                mask_token_id: int | None = None) -> tuple[dict[str, float], list[dict]]:
     """The figures of the module docstring for each SAE of `saes` (each taking the activation at
-    `hook`) on `contexts`. mean [d]: the activation mean-ablation puts in.
+    `hook`) on `contexts`. mean [d]: the activation mean-ablation puts in. mask_token_id: the
+    tokenizer's [MASK] (masked LMs only, which it must be given for).
 
     Returns (reference, per_sae): reference holds what does not depend on an SAE (clean and
     ablated CE and KL, tokens, seconds of the shared passes); per_sae one dict per SAE with its
     figures, `frequencies` (a [d_sae] float tensor) and `seconds` (its own passes).
     """
     kind = model_kind(model)
+    if kind == "masked" and mask_token_id is None:
+        raise ValueError("evaluate_lm: a masked LM needs mask_token_id (the tokenizer's [MASK] id)")
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     d_in = mean.shape[-1]
@@ -202,12 +218,22 @@ def evaluate_lm(model: nn.Module, hook: ResolvedHook, contexts: EvalContexts, sa
     x_sum, x_sq = torch.zeros(d_in, dtype=torch.float64), torch.zeros(d_in, dtype=torch.float64)
     for s in saes:
         s.eval()
+    began = time.perf_counter()
     for start in range(0, n_contexts, batch_size):
         t0 = time.perf_counter()
         ids = contexts.input_ids[start:start + batch_size].to(device)
         mask = contexts.attention_mask[start:start + batch_size].to(device)
         keep = contexts.keep[start:start + batch_size].to(device)
-        target = (keep[:, 1:]) if kind == "causal" else None  # position t scored when token t+1 is kept
+        labels = None  # [n_scored] the token each scored position is scored on
+        if kind == "causal":  # position t scored on token t+1 where that one is kept
+            target = torch.zeros_like(keep)
+            target[:, :-1] = keep[:, 1:]
+            labels = ids[:, 1:][keep[:, 1:]]
+        elif kind == "masked":  # MASKED_SHARE of the kept tokens, [MASK]ed (seeded by the batch), scored on themselves
+            target = _masked_positions(keep, start)
+            labels = ids[target]
+            ids = ids.masked_fill(target, mask_token_id)
+            keep = keep & ~target  # the SAE replaces real tokens only, never [MASK]
         recorded: dict[str, Tensor] = {}
 
         def record(x: Tensor) -> Tensor:
@@ -215,12 +241,13 @@ def evaluate_lm(model: nn.Module, hook: ResolvedHook, contexts: EvalContexts, sa
             return x
 
         def run(fn: Callable[[Tensor], Tensor]) -> Tensor:
-            """The model's output with `fn` at the hook: log-probs [B, T-1, V] or pooled state [B, h]."""
+            """The model's output with `fn` at the hook: log-probs at the scored positions
+            [n_scored, V] (causal, masked), or the mean-pooled last hidden state [B, h] (encoder)."""
             with splice(model, hook, fn):
                 out = model(input_ids=ids, attention_mask=mask, use_cache=False) if kind == "causal" \
                     else model(input_ids=ids, attention_mask=mask)
-            if kind == "causal":
-                return F.log_softmax(out.logits[:, :-1].float(), dim=-1)
+            if kind != "encoder":
+                return F.log_softmax(out.logits[target].float(), dim=-1)
             h = out.last_hidden_state.float()
             m = mask.unsqueeze(-1).float()
             return (h * m).sum(1) / m.sum(1).clamp_min(1)
@@ -232,25 +259,20 @@ def evaluate_lm(model: nn.Module, hook: ResolvedHook, contexts: EvalContexts, sa
 
         clean = run(record)
         x = recorded["x"][keep].float()  # [n, d] the SAE's input
-        if kind == "causal":
-            labels = ids[:, 1:]
-            clean_ce = -clean.gather(-1, labels.unsqueeze(-1)).squeeze(-1)[target]
-            scored += int(target.sum())
+        if kind != "encoder":
+            clean_ce_total += -clean.gather(-1, labels.unsqueeze(-1)).sum().item()
+            scored += len(labels)
         spliced += len(x)
         x_sum += x.sum(0).double().cpu()
         x_sq += x.pow(2).sum(0).double().cpu()
 
         def score(out: Tensor, into: _Sums) -> None:
-            if kind == "causal":
-                ce = -out.gather(-1, labels.unsqueeze(-1)).squeeze(-1)[target]
-                kl = (clean.exp() * (clean - out)).sum(-1)[target]
-                into.ce += ce.sum().item()
-                into.kl += kl.sum().item()
+            if kind != "encoder":
+                into.ce += -out.gather(-1, labels.unsqueeze(-1)).sum().item()
+                into.kl += (clean.exp() * (clean - out)).sum().item()
             else:
                 into.cos_embed += F.cosine_similarity(out, clean, dim=-1).sum().item()
 
-        if kind == "causal":
-            clean_ce_total += clean_ce.sum().item()
         score(run(lambda a: replace_kept(a, torch.zeros_like(a[keep]))), ablations["zero"])
         score(run(lambda a: replace_kept(a, mean.expand(int(keep.sum()), -1))), ablations["mean"])
         shared_seconds += time.perf_counter() - t0
@@ -275,13 +297,14 @@ def evaluate_lm(model: nn.Module, hook: ResolvedHook, contexts: EvalContexts, sa
             acc.l1 += f.float().abs().sum().item()
             acc.fired += active.sum(0).double().cpu()
             seconds[i] += time.perf_counter() - t1
-        if log:
-            log(f"lm eval: {min(start + batch_size, n_contexts)}/{n_contexts} contexts")
+        done = min(start + batch_size, n_contexts)
+        if log and (done == n_contexts or (start // batch_size + 1) % max(1, n_contexts // batch_size // 10) == 0):
+            log(f"LM evaluation {done}/{n_contexts} contexts, {time.perf_counter() - began:.0f} s")
 
     x_mean = x_sum / spliced
     total_sq_dev = (x_sq - spliced * x_mean.pow(2)).sum().item()  # Σ‖x − x̄‖²
     reference = {"tokens": spliced, "contexts": n_contexts, "shared_seconds": shared_seconds}
-    if kind == "causal":
+    if kind != "encoder":
         reference.update(scored_tokens=scored, ce_loss_without_sae=clean_ce_total / scored,
                          ce_loss_with_ablation=ablations["zero"].ce / scored,
                          ce_loss_with_mean_ablation=ablations["mean"].ce / scored,
@@ -292,6 +315,21 @@ def evaluate_lm(model: nn.Module, hook: ResolvedHook, contexts: EvalContexts, sa
     per_sae = [_finish(acc, reference, kind, spliced, scored, n_contexts, total_sq_dev) | {"seconds": s}
                for acc, s in zip(sums, seconds)]
     return reference, per_sae
+
+
+MASKED_SHARE = 0.15
+"""Share of a masked LM's kept tokens that are [MASK]ed and scored (BERT's 15%)."""
+
+
+def _masked_positions(keep: Tensor, seed: int) -> Tensor:
+    """bool like keep [B, T]: MASKED_SHARE of the kept positions (at least one per row with any),
+    drawn with `seed`, so every variant of one batch scores the same positions."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.rand(keep.shape, generator=g).to(keep.device)
+    u = torch.where(keep, u, torch.full_like(u, 2.0))
+    n = (keep.sum(1) * MASKED_SHARE).ceil().long()  # per row
+    order = u.argsort(1).argsort(1)  # rank of each position's draw in its row
+    return keep & (order < n.unsqueeze(1))
 
 
 def _ratio(num: float, den: float) -> float:
@@ -317,7 +355,7 @@ def _finish(acc: _SAESums, ref: dict, kind: str, n: int, scored: int, n_contexts
         "freq_under_1e-5": (frequencies < RARE_FREQUENCY).float().mean().item(),
         "frequencies": frequencies,
     }
-    if kind == "causal":
+    if kind != "encoder":
         ce_sae, kl_sae = acc.ce / scored, acc.kl / scored
         ce_clean, ce_abl, ce_mean = ref["ce_loss_without_sae"], ref["ce_loss_with_ablation"], ref["ce_loss_with_mean_ablation"]
         out.update(ce_loss_without_sae=ce_clean, ce_loss_with_sae=ce_sae, ce_loss_with_ablation=ce_abl,

@@ -70,7 +70,8 @@ def evaluate_hook(cfg: RunConfig, hook_name: str, saes: list[SAE], device: str =
         if sae.cfg.d_in != mean.shape[0]:
             raise ValueError(f"SAE {i}: d_in {sae.cfg.d_in}, but {hook.name} of {cfg.model.name} is {mean.shape[0]} wide")
     setup = time.perf_counter() - start
-    ref, rows = evaluate_lm(model, hook, contexts, [s.to(device) for s in saes], mean, cfg.eval.batch_size, log=log)
+    ref, rows = evaluate_lm(model, hook, contexts, [s.to(device) for s in saes], mean, cfg.eval.batch_size, log=log,
+                            mask_token_id=tokenizer.mask_token_id)
     ref.update(model_kind=model_kind(model), eval_tokens=contexts.n_tokens, eval_contexts=len(contexts.input_ids),
                setup_seconds=setup, hook=hook.name, model=cfg.model.name)
     if cfg.eval.absorption:
