@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sae_ray.activations.hooks import ResolvedHook
-from sae_ray.activations.model import is_causal_lm
+from sae_ray.activations.model import is_causal_lm, is_masked_lm
 from sae_ray.activations.text import pack_documents
 from sae_ray.buffer.split import held_out
 from sae_ray.sae import SAE
@@ -94,7 +94,7 @@ def model_kind(model: nn.Module) -> str:
     masked-LM head (`...ForMaskedLM`), else "encoder" (no LM head: a bare encoder)."""
     if is_causal_lm(model.config):
         return "causal"
-    if any(a.endswith("ForMaskedLM") for a in (model.config.architectures or [])):
+    if is_masked_lm(model.config):
         return "masked"
     return "encoder"
 
@@ -262,6 +262,7 @@ def evaluate_lm(model: nn.Module, hook: ResolvedHook, contexts: EvalContexts, sa
         if kind != "encoder":
             clean_ce_total += -clean.gather(-1, labels.unsqueeze(-1)).sum().item()
             scored += len(labels)
+            p_clean = clean.exp()  # once per batch: every variant's KL weighs by it
         spliced += len(x)
         x_sum += x.sum(0).double().cpu()
         x_sq += x.pow(2).sum(0).double().cpu()
@@ -269,7 +270,7 @@ def evaluate_lm(model: nn.Module, hook: ResolvedHook, contexts: EvalContexts, sa
         def score(out: Tensor, into: _Sums) -> None:
             if kind != "encoder":
                 into.ce += -out.gather(-1, labels.unsqueeze(-1)).sum().item()
-                into.kl += (clean.exp() * (clean - out)).sum().item()
+                into.kl += (p_clean * (clean - out)).sum().item()
             else:
                 into.cos_embed += F.cosine_similarity(out, clean, dim=-1).sum().item()
 

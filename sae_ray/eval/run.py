@@ -35,7 +35,7 @@ EVAL_TYPE_ID = "core"
 
 
 def hook_entry(cfg: RunConfig, hook_name: str):
-    """The `hooks:` entry of the config that resolves to hook_name (ValueError naming both)."""
+    """The `hooks:` entry of the config that resolves to hook_name (ConfigError naming both)."""
     names = {h.module or f"blocks.{h.layer}.hook_{h.site}": h for h in cfg.hooks}
     if hook_name not in names:
         raise ConfigError([f"hooks: {hook_name!r} is not among the config's hooks {sorted(names)}; "
@@ -60,6 +60,9 @@ def evaluate_hook(cfg: RunConfig, hook_name: str, saes: list[SAE], device: str =
     h = hook_entry(cfg, hook_name)
     model, tokenizer = load_model(cfg.model.name, cfg.model.revision, cfg.model.dtype, device, cfg.model.trust_remote_code)
     hook = resolve_hook(model, h.layer, h.site, h.module)
+    if cfg.eval.absorption and model_kind(model) != "causal":  # before any pass over the data
+        raise ConfigError([f"eval.absorption: {cfg.model.name} has no next-token head; the first-letter "
+                           "absorption metric is for causal LMs (set eval.absorption: false)"])
     d = cfg.data
     docs = load_documents(resolve_dataset_path(d.path, cfg.workdir_path()), d.text_column, d.split, d.name,
                           streaming=d.streaming, trust_remote_code=cfg.model.trust_remote_code)
@@ -68,16 +71,14 @@ def evaluate_hook(cfg: RunConfig, hook_name: str, saes: list[SAE], device: str =
     mean = activation_mean(model, hook, contexts, cfg.eval.batch_size)
     for i, sae in enumerate(saes):
         if sae.cfg.d_in != mean.shape[0]:
-            raise ValueError(f"SAE {i}: d_in {sae.cfg.d_in}, but {hook.name} of {cfg.model.name} is {mean.shape[0]} wide")
+            raise ConfigError([f"SAE {i} ({sae.cfg.architecture}, d_sae {sae.cfg.d_sae}): d_in {sae.cfg.d_in}, but "
+                               f"{hook.name} of {cfg.model.name} is {mean.shape[0]} wide; evaluate it at a hook of that width"])
     setup = time.perf_counter() - start
     ref, rows = evaluate_lm(model, hook, contexts, [s.to(device) for s in saes], mean, cfg.eval.batch_size, log=log,
                             mask_token_id=tokenizer.mask_token_id)
     ref.update(model_kind=model_kind(model), eval_tokens=contexts.n_tokens, eval_contexts=len(contexts.input_ids),
                setup_seconds=setup, hook=hook.name, model=cfg.model.name)
     if cfg.eval.absorption:
-        if ref["model_kind"] != "causal":
-            raise ConfigError([f"eval.absorption: {cfg.model.name} has no next-token head; the first-letter "
-                               "absorption metric is for causal LMs (set eval.absorption: false)"])
         for row, figures in zip(rows, absorption(cfg, model, tokenizer, hook_name, saes)):
             row.update(figures)
     return ref, rows
@@ -218,6 +219,8 @@ def eval_ref(cfg: RunConfig, ref: str, hook: str | None = None, output: str | Pa
     figures (and lm_eval_run), and writes the SAEBench-style result to `output` (default
     <workdir>/eval/<name>_core.json). Returns the result dict.
     """
+    from mlflow.exceptions import MlflowException
+
     import sae_ray
     from sae_ray import tracking
 
@@ -230,7 +233,7 @@ def eval_ref(cfg: RunConfig, ref: str, hook: str | None = None, output: str | Pa
     else:
         try:
             version = tracking.resolve_version(client, ref)
-        except Exception as e:  # MLflow's own error for an unknown name or alias
+        except MlflowException as e:  # MLflow's own error for an unknown name or alias
             raise FileNotFoundError(f"sae-ray eval: REF {ref!r} is neither a local path nor a registered version in "
                                     f"{uri} ({' '.join(str(e).split())[:200]}); see `sae-ray registry list`") from None
         sae = sae_ray.load_sae(f"models:/{version.name}/{version.version}", tracking_uri=uri)
