@@ -244,8 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: from --config, $MLFLOW_TRACKING_URI, or runs/default)")
         sp.add_argument("--config", default=None, help="take the tracking URI from this run config")
         sp.set_defaults(fn=_registry_command(fn))
+    from sae_ray.analysis.commands import add_analysis_commands
     from sae_ray.bench import add_bench_commands
     from sae_ray.buffer.commands import add_buffer_commands
+
+    add_analysis_commands(sub)
 
     add_buffer_commands(sub)
     add_bench_commands(sub)

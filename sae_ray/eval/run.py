@@ -206,6 +206,27 @@ def evaluate_runs(cfg: RunConfig, hook_name: str, runs: list[tuple[str, str]], d
     return out
 
 
+def load_ref(client, uri: str, ref: str, command: str):
+    """(sae, registry version or None, a label for file names) of REF: a local path `load_sae`
+    reads, or a registered version (`models:/NAME/3`, `NAME/3`, `NAME@alias`); FileNotFoundError
+    naming REF and the store otherwise."""
+    from mlflow.exceptions import MlflowException
+
+    import sae_ray
+    from sae_ray import tracking
+
+    if Path(ref).expanduser().exists():
+        path = Path(ref).expanduser()
+        return sae_ray.load_sae(str(path)), None, path.resolve().name
+    try:
+        version = tracking.resolve_version(client, ref)
+    except MlflowException as e:  # MLflow's own error for an unknown name or alias
+        raise FileNotFoundError(f"{command}: REF {ref!r} is neither a local path nor a registered version in "
+                                f"{uri} ({' '.join(str(e).split())[:200]}); see `sae-ray registry list`") from None
+    sae = sae_ray.load_sae(f"models:/{version.name}/{version.version}", tracking_uri=uri)
+    return sae, version, f"{version.name}_v{version.version}"
+
+
 def eval_ref(cfg: RunConfig, ref: str, hook: str | None = None, output: str | Path | None = None,
              tracking_uri: str | None = None, device: str = "cpu", log: Callable[[str], None] = print) -> dict[str, Any]:
     """`sae-ray eval`: evaluate one SAE on the config's model and held-out documents.
@@ -219,25 +240,11 @@ def eval_ref(cfg: RunConfig, ref: str, hook: str | None = None, output: str | Pa
     figures (and lm_eval_run), and writes the SAEBench-style result to `output` (default
     <workdir>/eval/<name>_core.json). Returns the result dict.
     """
-    from mlflow.exceptions import MlflowException
-
-    import sae_ray
     from sae_ray import tracking
 
     uri = tracking_uri or cfg.tracking_uri()
     client = tracking.client_for(uri)
-    version = None
-    if Path(ref).expanduser().exists():
-        sae = sae_ray.load_sae(str(Path(ref).expanduser()))
-        label = Path(ref).expanduser().resolve().name
-    else:
-        try:
-            version = tracking.resolve_version(client, ref)
-        except MlflowException as e:  # MLflow's own error for an unknown name or alias
-            raise FileNotFoundError(f"sae-ray eval: REF {ref!r} is neither a local path nor a registered version in "
-                                    f"{uri} ({' '.join(str(e).split())[:200]}); see `sae-ray registry list`") from None
-        sae = sae_ray.load_sae(f"models:/{version.name}/{version.version}", tracking_uri=uri)
-        label = f"{version.name}_v{version.version}"
+    sae, version, label = load_ref(client, uri, ref, "sae-ray eval")
     hook = hook or sae.cfg.hook_name
     if not hook:
         raise ConfigError([f"--hook: the SAE of {ref!r} names no hook; give one of the config's hooks"], "sae-ray eval")
