@@ -49,7 +49,10 @@ def cmd_dashboard(args) -> int:
 
     cfg = _load(args) if args.config else None
     analysis, version = find_analysis(cfg, args.ref, args.tracking_uri)
-    latents = [analysis.check_latent(i) for i in args.latent] if args.latent else None
+    try:
+        latents = [analysis.check_latent(i) for i in args.latent] if args.latent else None
+    except ValueError as e:
+        raise ConfigError([f"--latent: {e}"], "sae-ray dashboard") from None
     links = {}
     if version is not None:
         links = {"registry": f"models:/{version.name}/{version.version}", "run": version.run_id or ""}
@@ -139,7 +142,10 @@ def cmd_export_neuronpedia(args) -> int:
     cfg = _load(args)
     sae, _, _ = _ref_sae(args, cfg, "sae-ray export neuronpedia")
     analysis, _ = find_analysis(cfg, args.analysis or args.ref, args.tracking_uri)
-    path = export_neuronpedia(sae, analysis, args.out, model_id=args.model_id, source_set=args.source_set)
+    try:
+        path = export_neuronpedia(sae, analysis, args.out, model_id=args.model_id, source_set=args.source_set)
+    except ValueError as e:  # the SAE and the analysis do not match
+        raise ConfigError([str(e)], "sae-ray export neuronpedia") from None
     print(f"Neuronpedia export: {path}  (how to import: {Path(args.out) / 'README.md'})")
     return 0
 
