@@ -31,26 +31,25 @@ def _latent_values(sae_ref, path: str, hook: str, shard_id: int, rows: np.ndarra
     return latent_values(sae_ref, ActivationBuffer.open(path), hook, shard_id, rows, latents)
 
 
-def _bounded(jobs: list[Callable[[], ray.ObjectRef]], workers: int, label: str, weights: list[int]):
-    """Run `jobs` (each returns a task's ref) with at most `workers` in flight; yields results in
-    job order. Prints a progress line with an ETA to stderr as tasks finish."""
+def _bounded(jobs: list[Callable[[], ray.ObjectRef]], workers: int, label: str, weights: list[int],
+             on_result: Callable[[int, object], None]) -> None:
+    """Run `jobs` (each returns a task's ref) with at most `workers` in flight, handing each result
+    to on_result(job index, result) as it arrives (so the driver holds one at a time). Prints a
+    progress line with an ETA to stderr as tasks finish."""
     refs: dict[ray.ObjectRef, int] = {}
-    results: dict[int, object] = {}
-    start, done_weight, total, nxt = time.perf_counter(), 0, max(sum(weights), 1), 0
+    start, done, done_weight, total, nxt = time.perf_counter(), 0, 0, max(sum(weights), 1), 0
     while nxt < len(jobs) or refs:
         while nxt < len(jobs) and len(refs) < workers:
             refs[jobs[nxt]()] = nxt
             nxt += 1
         ready, _ = ray.wait(list(refs), num_returns=1)
         i = refs.pop(ready[0])
-        results[i] = ray.get(ready[0])
-        done_weight += weights[i]
-        elapsed = time.perf_counter() - start
-        rate = done_weight / max(elapsed, 1e-9)
-        print(f"\r[sae-ray] {label} {len(results)}/{len(jobs)} shards  {done_weight:,}/{total:,} rows  "
-              f"{rate:,.0f} rows/s  ETA {format_duration((total - done_weight) / rate if rate else None)}",
-              end="" if results.__len__() < len(jobs) else "\n", file=sys.stderr, flush=True)
-    return [results[i] for i in range(len(jobs))]
+        on_result(i, ray.get(ready[0]))
+        done, done_weight = done + 1, done_weight + weights[i]
+        rate = done_weight / max(time.perf_counter() - start, 1e-9)
+        print(f"\r[sae-ray] {label} {done}/{len(jobs)} shards  {done_weight:,}/{total:,} rows  {rate:,.0f} rows/s  "
+              f"ETA {format_duration((total - done_weight) / rate if rate else None)}",
+              end="" if done < len(jobs) else "\n", file=sys.stderr, flush=True)
 
 
 def analyze_shards(sae, buffer: ActivationBuffer, hook: str, split: str, top_k: int, samples: int,
@@ -61,11 +60,12 @@ def analyze_shards(sae, buffer: ActivationBuffer, hook: str, split: str, top_k: 
     shards = list(buffer.commit_state().committed)
     sae_ref = ray.put(sae)
     jobs = [lambda s=s: _shard_stats.remote(sae_ref, buffer.path, hook, s, split, top_k, samples, seed) for s in shards]
-    parts = _bounded(jobs, workers, "analyze", [buffer.shard_rows] * len(shards))
-    total = FeatureStats.empty(sae.cfg.d_sae, top_k, samples)
-    for part in parts:
-        total = total.merge(FeatureStats.from_tensors(part))
-    return total
+    total = [FeatureStats.empty(sae.cfg.d_sae, top_k, samples)]
+
+    def merge(_: int, part) -> None:
+        total[0] = total[0].merge(FeatureStats.from_tensors(part))
+    _bounded(jobs, workers, "analyze", [buffer.shard_rows] * len(shards), merge)
+    return total[0]
 
 
 def values_at(sae, buffer: ActivationBuffer, hook: str, rows: np.ndarray, latents: np.ndarray, workers: int) -> np.ndarray:
@@ -79,6 +79,8 @@ def values_at(sae, buffer: ActivationBuffer, hook: str, rows: np.ndarray, latent
     picks = [np.flatnonzero(shard_of == s) for s in shards]
     jobs = [lambda s=s, p=p: _latent_values.remote(sae_ref, buffer.path, hook, s, rows[p], latents[p])
             for s, p in zip(shards, picks)]
-    for p, values in zip(picks, _bounded(jobs, workers, "contexts", [len(p) for p in picks])):
-        out[p] = values
+
+    def put(i: int, values) -> None:
+        out[picks[i]] = values
+    _bounded(jobs, workers, "contexts", [len(p) for p in picks], put)
     return out

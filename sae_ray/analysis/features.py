@@ -12,9 +12,10 @@ number of rows: per latent,
                                                   (row, latent) gets a seeded random key, and the s
                                                   largest keys are kept, which merges exactly
 
-so its size is d_sae x (3 + H + 2k + 3s) numbers: 65,536 latents, H 60, k 20, s 40 take 92 MB.
-Encoding works in chunks of CHUNK_ELEMENTS / d_sae rows, so the [rows, d_sae] activations never
-exceed CHUNK_ELEMENTS floats either. A global row is shard_id * buffer.shard_rows + row in shard.
+so its size is d_sae x (3 + H + 2k + 3s) numbers, about 8 bytes each: 65,536 latents, H 80, k 20,
+s 40 take 127 MB, whatever the rows. Encoding works in chunks of CHUNK_ELEMENTS / d_sae rows, so
+the [rows, d_sae] activations never exceed CHUNK_ELEMENTS floats either. A task holds one
+FeatureStats and one chunk; the driver merges each task's as it arrives. A global row is shard_id * buffer.shard_rows + row in shard.
 """
 
 from __future__ import annotations

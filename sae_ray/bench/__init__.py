@@ -5,6 +5,7 @@
     sae-ray bench buffer      does the buffer keep up with the producer and the trainer?
     sae-ray bench sweep       a sweep from one buffer against one run per SAE, and the sweep's bound
     sae-ray bench all         train, buffer and sweep on one device (`--device cuda`: a GPU's check)
+    sae-ray bench analyze     the analysis pass over a buffer with 1, 2, ... Ray workers: rows/s, peak memory
 """
 
 from __future__ import annotations
@@ -120,6 +121,7 @@ def add_bench_commands(subparsers: argparse._SubParsersAction) -> None:
     t.set_defaults(fn=cmd_bench_train)
     add_buffer_bench(sub)
     add_sweep_bench(sub)
+    add_analyze_bench(sub)
     add_all_bench(sub)
 
 
@@ -168,6 +170,30 @@ def cmd_bench_sweep(args) -> int:
     run_sweep_bench(args.config, sizes=_sizes(args.sizes), tokens=args.tokens, workdir=args.workdir, gpus=args.gpus)
     print(f"\nwall time {time.perf_counter() - start:.0f}s")
     return 0
+
+
+def cmd_bench_analyze(args) -> int:
+    from sae_ray.bench.analysis import format_rows, run_analyze_bench
+    from sae_ray.config import load_config
+
+    cfg = load_config(args.config, args.set).with_absolute_paths()
+    counts = _whole_numbers(args.workers, "--workers", "sae-ray bench analyze", "1,2")
+    rows = run_analyze_bench(cfg, args.ref, counts, args.split, args.top_k, args.samples, args.tracking_uri)
+    print(format_rows(rows))
+    return 0
+
+
+def add_analyze_bench(sub) -> None:
+    a = sub.add_parser("analyze", help="the analysis pass with 1, 2, ... Ray workers on one buffer: rows/s and peak memory")
+    a.add_argument("ref", help="the SAE: models:/NAME/VERSION, NAME/VERSION, NAME@ALIAS or a local directory")
+    a.add_argument("--config", required=True, help="run config: its buffer and registry")
+    a.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a config field")
+    a.add_argument("--tracking-uri", default=None, help="MLflow store of the registry (default: the config's)")
+    a.add_argument("--workers", default="1,2", help="Ray worker counts, comma-separated (default 1,2)")
+    a.add_argument("--split", default="all", help="rows: all (default) or eval")
+    a.add_argument("--top-k", type=int, default=20, help="top contexts kept per latent")
+    a.add_argument("--samples", type=int, default=40, help="sampled contexts kept per latent")
+    a.set_defaults(fn=cmd_bench_analyze)
 
 
 def add_sweep_bench(sub) -> None:
