@@ -23,29 +23,31 @@ def test_the_controller_raises_the_coefficient_of_a_dense_member_and_lowers_a_sp
     dense, sparse, free = c.update(2, [100, 1, 100])
     assert dense == pytest.approx(torch.e ** 0.1) and sparse == pytest.approx(torch.e ** -0.1)  # error clipped at ±1
     assert free == 1.0  # no target: not controlled
-    on_target = c.update(3, [10, 10, 100])
-    assert on_target[:2] == pytest.approx([dense, sparse])  # no error, no change
+    on_target = c.update(3, [10, 10, 100])  # on target, but member 0 fell onto it and member 1 rose onto it
+    assert on_target[:2] == pytest.approx([1.0, 1.0])  # the trend predicts them past it: each moved back (clipped)
     c.update(5, [100, 100, 100])
-    assert c.coefficients[:2] == pytest.approx([dense, sparse])  # after the span: frozen
+    assert c.coefficients[:2] == pytest.approx([1.0, 1.0])  # after the span: frozen
     c.keep([1])
-    assert c.targets == [10] and c.coefficients == pytest.approx([sparse])
+    assert c.targets == [10] and c.coefficients == pytest.approx([1.0])
     restored = L0Controller([None], [1.0], 0, 1, 0.1)
     restored.load_state_dict(c.state_dict())
     assert restored.coefficients == c.coefficients and restored.targets == c.targets
 
 
-def test_the_coefficient_is_left_alone_while_the_l0_is_already_on_its_way():
-    c = L0Controller([10.0], [1.0], start_step=0, stop_step=100, gain=0.1, patience_steps=2, patience_change=0.05)
-    c.update(0, [400.0])
-    c.update(1, [300.0])  # history not full yet: controlled both times
+def test_the_coefficient_acts_on_the_l0_the_trend_predicts_for_the_end_of_the_span():
+    c = L0Controller([10.0], [1.0], start_step=0, stop_step=100, gain=0.1, trend_steps=2)
+    c.update(0, [400.0])  # no trend yet: dense, clipped at +1
+    assert c.coefficients[0] == pytest.approx(torch.e ** 0.1)
+    c.update(1, [400.0])  # flat: still dense
     assert c.coefficients[0] == pytest.approx(torch.e ** 0.2)
-    c.update(2, [200.0])  # dense, but falling by half in two steps: on its way, λ stays
-    assert c.coefficients[0] == pytest.approx(torch.e ** 0.2)
-    c.update(3, [200.0])  # 300 -> 200 is still falling fast: stays
-    c.update(4, [200.0])  # stopped falling while still dense: controlled again
-    assert c.coefficients[0] == pytest.approx(torch.e ** 0.3)
-    c.update(5, [2.0])  # sparser than the target and falling: controlled (down)
-    assert c.coefficients[0] == pytest.approx(torch.e ** 0.2)
+    c.update(2, [200.0])  # dense, but falling by half in two steps: the two capped terms cancel, λ stays
+    assert c.coefficients[0] == pytest.approx(torch.e ** 0.2)  # +1 (distance) - 1 (trend, clipped)
+    c.update(3, [20.0])   # nearly there and still falling fast: λ falls
+    assert c.coefficients[0] < torch.e ** 0.2
+    late = L0Controller([10.0], [1.0], start_step=0, stop_step=100, gain=0.1, trend_steps=2)
+    late.update(97, [12.0])
+    late.update(98, [11.0])  # a slow fall, two steps before the freeze: it will not reach 10, λ still grows
+    assert late.coefficients[0] > torch.e ** 0.01
 
 
 def test_a_target_ladder_makes_one_trial_per_target_for_every_architecture():

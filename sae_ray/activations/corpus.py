@@ -19,8 +19,34 @@ BUILTIN_PREFIX = "builtin:"
 BUILTINS = ("python-docs",)
 
 
+SECTION_CHARS = 2000
+"""Longest document of the builtin corpus: longer texts are cut at blank lines into sections of
+about this many characters, so the held-out split (by document) holds many documents."""
+SHUFFLE_SEED = 0
+"""The builtin corpus is written in one fixed random order, so every shard of a buffer made from
+it mixes all its kinds of text (language reference, module docs, function docs)."""
+
+
+def sections(text: str, min_chars: int, max_chars: int = SECTION_CHARS) -> list[str]:
+    """`text` cut at blank lines into consecutive pieces of at most about `max_chars` (a paragraph
+    longer than that stays whole); a last piece under `min_chars` joins the one before."""
+    pieces: list[str] = []
+    for para in text.split("\n\n"):
+        if pieces and len(pieces[-1]) + len(para) + 2 <= max_chars:
+            pieces[-1] += "\n\n" + para
+        else:
+            pieces.append(para)
+    if len(pieces) > 1 and len(pieces[-1]) < min_chars:
+        last = pieces.pop()
+        pieces[-1] += "\n\n" + last
+    return [p for p in pieces if len(p) >= min_chars]
+
+
 def python_docs(min_chars: int = 200) -> list[str]:
-    """Python's help topics (pydoc_data) and the docstrings of standard-library modules, classes and functions."""
+    """Python's help topics (pydoc_data) and the docstrings of standard-library modules, classes and
+    functions, cut into sections (`sections`) and shuffled with SHUFFLE_SEED."""
+    import random
+
     from pydoc_data.topics import topics
 
     docs = [text for _, text in sorted(topics.items())]
@@ -41,7 +67,9 @@ def python_docs(min_chars: int = 200) -> list[str]:
                 doc = inspect.getdoc(obj)
                 if doc and len(doc) >= min_chars:
                     docs.append(doc)
-    return list(dict.fromkeys(docs))  # dedupe, keep order
+    docs = [part for doc in dict.fromkeys(docs) for part in sections(doc, min_chars)]  # dedupe, then cut
+    random.Random(SHUFFLE_SEED).shuffle(docs)
+    return docs
 
 
 def resolve_dataset_path(path: str, workdir: str | Path) -> str:

@@ -23,7 +23,7 @@ from sae_ray.sae import SAE, SAEOutput
 from sae_ray.train.init import MEDIAN_ROWS, expected_norm_scale, first_rows, init_b_dec
 from sae_ray.train.monitor import STOPPED, Monitor, keep_members, nonfinite_weights
 from sae_ray.train.optim import Adam, clip_grad_norm_, lr_factor, sparsity_factor
-from sae_ray.train.target import L0Controller
+from sae_ray.train.target import L0Controller, RowReservoir
 
 
 @dataclass
@@ -99,8 +99,10 @@ def train_sae(
     Each step: set the lr and `sae.sparsity_scale`; forward (bf16 autocast per `train.autocast`);
     backward of the summed member losses (members are independent, so each gets its own
     gradient); `sae.pre_step()`; clip to `train.grad_clip_norm` (per member); Adam step
-    (betas: `train.adam_betas`, else `sae.adam_betas`); `sae.post_step()`; in the control span,
-    the L0 controller sets the targeted members' coefficients from this batch's L0. `pre_step` runs before
+    (betas: `train.adam_betas`, else `sae.adam_betas`); `sae.post_step()`; with targets, the batch
+    joins the controller's reservoir (a uniform sample of the rows trained on), and in the control
+    span the L0 controller sets the targeted members' coefficients from the reservoir's L0,
+    measured every `l0_control.measure_every` steps. `pre_step` runs before
     clipping: it removes the gradient component that a decoder-norm constraint would undo, so
     the clipped norm is the norm of the update that is actually applied (as dictionary_learning
     and SAELens order them).
@@ -157,12 +159,14 @@ def train_sae(
     control = L0Controller(targets, [getattr(c, sae.sparsity_param) if coefficient_arch else 1.0 for c in sae.cfgs],
                            start_step=round(train.sparsity_warmup_fraction * total_steps),
                            stop_step=total_steps - round(train.l0_control.freeze_fraction * total_steps),
-                           gain=train.l0_control.gain, patience_steps=train.l0_control.patience_steps,
-                           patience_change=train.l0_control.patience_change)
+                           gain=train.l0_control.gain, trend_steps=train.l0_control.trend_steps)
+    reservoir = RowReservoir(train.l0_control.reservoir_rows, seed=train.seed) \
+        if any(t is not None for t in targets) else None  # what the controller measures L0 on
+    control_l0: list[float] = []  # the reservoir's L0 per member at the last measurement
     n_stack, same_lr = sae.n_stack, len(set(lrs)) == 1
     opt = Adam(sae.parameters(), lr=lrs[0] if same_lr else lrs, betas=betas, n_stack=n_stack)
     if resume is not None:
-        _restore(meta, tensors, sae, opt, state, monitor, control)
+        _restore(meta, tensors, sae, opt, state, monitor, control, reservoir)
         if coefficient_arch:
             sae.set_coefficients([state.coefficients[k] for k in members])
     every = train.checkpoint_every or math.ceil(train.total_tokens / 5)
@@ -187,9 +191,12 @@ def train_sae(
             clip_grad_norm_(opt.params, train.grad_clip_norm, n_stack)
         opt.step()
         sae.post_step()
+        if reservoir is not None:
+            reservoir.add(x)
         if control.active(state.step):
-            batch_l0 = l0(out.feature_acts).reshape(-1).tolist()
-            sae.set_coefficients(control.update(state.step, batch_l0))
+            if not control_l0 or state.step % train.l0_control.measure_every == 0:
+                control_l0 = _l0_of(sae, reservoir.rows)
+            sae.set_coefficients(control.update(state.step, control_l0))
         state.step += 1
         state.tokens_seen += x.shape[0]
         done = state.tokens_seen >= train.total_tokens
@@ -224,7 +231,7 @@ def train_sae(
                 and state.tokens_seen // every > (state.tokens_seen - x.shape[0]) // every:
             state.coefficients = _coefficients(sae, members, state.coefficients, n)
             state.seconds = prior_seconds + time.perf_counter() - start
-            on_checkpoint(*_checkpoint(sae, opt, state, monitor, control, members, total_steps))
+            on_checkpoint(*_checkpoint(sae, opt, state, monitor, control, reservoir, members, total_steps))
         if done:
             break
 
@@ -244,7 +251,7 @@ def train_sae(
 
 
 def _checkpoint(sae: SAE, opt: Adam, state: TrainState, monitor: Monitor, control: L0Controller,
-                members: list[int], total_steps: int) -> tuple[dict[str, Any], dict[str, Tensor]]:
+                reservoir: RowReservoir | None, members: list[int], total_steps: int) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """The loop's whole state: (plain JSON, tensors) for `sae_ray.train.checkpoint`."""
     meta = {"step": state.step, "tokens_seen": state.tokens_seen, "total_steps": total_steps,
             "input_scale": state.input_scale, "members": list(members), "member_tokens": list(state.member_tokens),
@@ -255,12 +262,15 @@ def _checkpoint(sae: SAE, opt: Adam, state: TrainState, monitor: Monitor, contro
     tensors["sae.tokens_since_fired"] = sae.tokens_since_fired
     for i, (m, v) in enumerate(zip(opt.exp_avg, opt.exp_avg_sq)):
         tensors[f"opt.exp_avg.{i}"], tensors[f"opt.exp_avg_sq.{i}"] = m, v
+    if reservoir is not None:
+        meta["reservoir"], more = reservoir.state_dict()
+        tensors.update({f"reservoir.{k}": v for k, v in more.items()})
     return meta, tensors
 
 
 @torch.no_grad()
 def _restore(meta: dict[str, Any], tensors: dict[str, Tensor], sae: SAE, opt: Adam, state: TrainState,
-             monitor: Monitor, control: L0Controller) -> None:
+             monitor: Monitor, control: L0Controller, reservoir: RowReservoir | None) -> None:
     """Inverse of `_checkpoint`, into a loop whose `sae` already holds the checkpointed members."""
     device = next(sae.parameters()).device
     sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.") and k != "sae.tokens_since_fired"})
@@ -274,6 +284,18 @@ def _restore(meta: dict[str, Any], tensors: dict[str, Tensor], sae: SAE, opt: Ad
     state.coefficients = list(meta["coefficients"])
     monitor.load_state_dict(meta["monitor"])
     control.load_state_dict(meta["control"])
+    if reservoir is not None and "reservoir" in meta:
+        reservoir.load_state_dict(meta["reservoir"], {k[10:]: v for k, v in tensors.items() if k.startswith("reservoir.")})
+
+
+@torch.no_grad()
+def _l0_of(sae: SAE, x: Tensor, chunk: int = 1024) -> list[float]:
+    """x [N, d_in] (scaled) -> per member of `sae`, the mean number of active latents per row."""
+    total = None
+    for part in x.split(chunk):
+        count = (sae.encode(part) > 0).sum(dim=(-2, -1)).reshape(-1).double()
+        total = count if total is None else total + count
+    return (total / len(x)).tolist()
 
 
 def _coefficients(sae: SAE, members: list[int], known: list[float | None], n: int) -> list[float | None]:
