@@ -239,9 +239,12 @@ def test_a_registered_sae_gets_its_analysis_and_dashboard_in_its_run(made, tmp_p
     version = tracking.register_sae(client, name, run_id, {"architecture": "topk"})
     ref = f"{name}/{version}"
     assert main(["analyze", ref, "--config", path, "--top-k", "2", "--samples", "2", "--window", "1"]) == 0
+    local_analysis = cfg.workdir_path() / "analysis" / f"{name}_v{version}"
+    assert main(["concepts", ref, "--config", path, "--texts", "jobs/concepts/numbers.txt", "--analysis", str(local_analysis)]) == 0
     assert main(["dashboard", ref, "--config", path, "--out", str(tmp_path / "site")]) == 0
     names = {a.path for a in client.list_artifacts(run_id)}
     assert {"analysis", "dashboard"} <= names
+    assert "analysis/concepts.json" in {a.path for a in client.list_artifacts(run_id, "analysis")}
     page = (tmp_path / "site" / "index.html").read_text()
     assert f"models:/{name}/{version}" in page
     assert main(["export", "neuronpedia", ref, "--config", path, "--out", str(tmp_path / "np"), "--model-id", "tiny"]) == 0

@@ -118,18 +118,25 @@ def cmd_concepts(args) -> int:
         concepts = read_concepts(args.texts)
     except ValueError as e:
         raise ConfigError([f"--texts: {e}"], "sae-ray concepts") from None
-    sae, _, _ = _ref_sae(args, cfg, "sae-ray concepts")
+    sae, version, _ = _ref_sae(args, cfg, "sae-ray concepts")
     buffer = open_buffer(cfg, sae, sae.cfg.hook_name)
     h = hook_entry(cfg, sae.cfg.hook_name)
     background = sae.encode(held_out_rows(buffer, sae.cfg.hook_name, args.background_rows)).detach()
     model, tokenizer = load_model(cfg.model.name, cfg.model.revision, cfg.model.dtype, "cpu", cfg.model.trust_remote_code)
     hook = resolve_hook(model, h.layer, h.site, h.module)
-    tables = {name: rank_latents(concept_acts(model, tokenizer, hook, sae, texts).detach(), background, args.top)
+    tables = {name: rank_latents(concept_acts(model, tokenizer, hook, sae, texts, cfg.data.context_size).detach(),
+                                 background, args.top)
               for name, texts in concepts.items()}
     print(concept_table(tables))
     if args.analysis:
         write_concepts(args.analysis, tables)
         print(f"written to {Path(args.analysis) / 'concepts.json'}")
+        if version is not None and version.run_id:  # beside the analysis in the SAE's run
+            from sae_ray import tracking
+            from sae_ray.analysis.run import ANALYSIS_ARTIFACT
+
+            uri = args.tracking_uri or cfg.tracking_uri()
+            tracking.client_for(uri).log_artifact(version.run_id, str(Path(args.analysis) / "concepts.json"), ANALYSIS_ARTIFACT)
     if args.output:
         Path(args.output).write_text(json.dumps({k: [vars(h) for h in v] for k, v in tables.items()}, indent=1))
     return 0

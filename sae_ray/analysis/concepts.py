@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from sae_ray.activations.hooks import ResolvedHook, capture_activations
-from sae_ray.activations.text import special_token_mask
+from sae_ray.activations.text import context_layout, special_token_mask
 from sae_ray.analysis.report import ConceptHit
 from sae_ray.sae import SAE
 
@@ -58,15 +58,24 @@ def read_concepts(paths: list[str | Path]) -> dict[str, list[str]]:
 
 
 @torch.no_grad()
-def concept_acts(model, tokenizer, hook: ResolvedHook, sae: SAE, texts: list[str], batch_size: int = 16) -> Tensor:
-    """[n_tokens, d_sae] the SAE's activations on every non-special token of `texts` (one context each)."""
+def concept_acts(model, tokenizer, hook: ResolvedHook, sae: SAE, texts: list[str], context_size: int,
+                 batch_size: int = 16) -> Tensor:
+    """[n_tokens, d_sae] the SAE's activations on every non-special token of `texts`, each text one
+    context framed as the producers frame theirs (`context_layout`: e.g. BOS first), so its first
+    token sits where a buffer row's would, not at position 0 (which many LMs treat apart)."""
+    prefix, suffix, _ = context_layout(tokenizer)
+    window = context_size - len(prefix) - len(suffix)
+    pad = next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
     device = next(model.parameters()).device
     parts = []
     for start in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=128)
-        ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-        x = capture_activations(model, [hook], ids, mask)[hook.name]
-        keep = (mask == 1).cpu() & ~torch.from_numpy(special_token_mask(tokenizer, ids.cpu().numpy()))
+        rows = [prefix + ids[:window] + suffix for ids in
+                tokenizer(texts[start:start + batch_size], add_special_tokens=False)["input_ids"]]
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        x = capture_activations(model, [hook], ids.to(device), mask.to(device))[hook.name]
+        keep = (mask == 1) & ~torch.from_numpy(special_token_mask(tokenizer, ids.numpy()))
         parts.append(sae.encode(x.float().cpu()[keep]))
     return torch.cat(parts)
 
