@@ -125,3 +125,29 @@ def test_every_architecture_lands_within_15_percent_of_two_targets(architecture)
         assert abs(achieved / target - 1) <= 0.15, (architecture, target, achieved)
     if cls.sparsity_param != "k":
         assert all(c != cls.target_start for c in state.coefficients)  # the controller moved each one
+
+
+def test_the_reservoir_is_a_uniform_sample_of_the_stream_and_resumes_exactly():
+    from sae_ray.train.target import RowReservoir
+
+    r = RowReservoir(200, seed=0)
+    stream = torch.arange(10_000, dtype=torch.float32)[:, None].repeat(1, 3)  # row i holds i
+    for batch in stream.split(128):
+        r.add(batch)
+    rows = r.rows
+    assert rows.shape == (200, 3) and r.seen == 10_000
+    assert len(set(rows[:, 0].tolist())) == 200  # no row twice
+    assert 3_500 < float(rows[:, 0].mean()) < 6_500  # spread over the whole stream, not its start or end
+    assert (rows[:, 0] >= 5_000).float().mean() > 0.35  # half the stream is after row 5,000
+    rest = RowReservoir(200, seed=0)
+    for batch in stream.split(100):
+        rest.add(batch)
+    resumed = RowReservoir(200, seed=0)
+    for batch in stream[:5_000].split(100):
+        resumed.add(batch)
+    meta, tensors = resumed.state_dict()
+    again = RowReservoir(200, seed=1)  # another seed: the state carries the generator
+    again.load_state_dict(meta, tensors)
+    for batch in stream[5_000:].split(100):
+        again.add(batch)
+    assert torch.equal(again.rows, rest.rows)  # a checkpointed reservoir goes on exactly as an uninterrupted one

@@ -162,7 +162,6 @@ def train_sae(
                            gain=train.l0_control.gain, trend_steps=train.l0_control.trend_steps)
     reservoir = RowReservoir(train.l0_control.reservoir_rows, seed=train.seed) \
         if any(t is not None for t in targets) else None  # what the controller measures L0 on
-    control_l0: list[float] = []  # the reservoir's L0 per member at the last measurement
     n_stack, same_lr = sae.n_stack, len(set(lrs)) == 1
     opt = Adam(sae.parameters(), lr=lrs[0] if same_lr else lrs, betas=betas, n_stack=n_stack)
     if resume is not None:
@@ -194,9 +193,9 @@ def train_sae(
         if reservoir is not None:
             reservoir.add(x)
         if control.active(state.step):
-            if not control_l0 or state.step % train.l0_control.measure_every == 0:
-                control_l0 = _l0_of(sae, reservoir.rows)
-            sae.set_coefficients(control.update(state.step, control_l0))
+            if not control.measured or state.step % train.l0_control.measure_every == 0:
+                control.measured = _l0_of(sae, reservoir.rows)
+            sae.set_coefficients(control.update(state.step, control.measured))
         state.step += 1
         state.tokens_seen += x.shape[0]
         done = state.tokens_seen >= train.total_tokens

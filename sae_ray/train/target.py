@@ -76,6 +76,8 @@ class L0Controller:
         """Per member: its λ now."""
         self.start_step, self.stop_step, self.gain = start_step, stop_step, gain
         self.trend_steps = trend_steps
+        self.measured: list[float] = []
+        """Per member: the L0 the controller acts on (the caller's last measurement; [] before the first)."""
         self.history: list[list[float]] = [[] for _ in self.targets]
         """Per member: log L0 of the last trend_steps steps controlled, oldest first."""
 
@@ -104,16 +106,18 @@ class L0Controller:
         self.targets = [self.targets[i] for i in members]
         self.coefficients = [self.coefficients[i] for i in members]
         self.history = [self.history[i] for i in members]
+        self.measured = [self.measured[i] for i in members] if self.measured else []
 
     def state_dict(self) -> dict:
         """Plain JSON: what a checkpoint keeps."""
         return {"targets": list(self.targets), "coefficients": list(self.coefficients),
-                "history": [list(h) for h in self.history]}
+                "history": [list(h) for h in self.history], "measured": list(self.measured)}
 
     def load_state_dict(self, state: dict) -> None:
         self.targets = list(state["targets"])
         self.coefficients = [float(c) for c in state["coefficients"]]
         self.history = [list(h) for h in state["history"]]
+        self.measured = [float(v) for v in state.get("measured", [])]
 
 
 def clip(x: float) -> float:
