@@ -140,9 +140,14 @@ def _buffer_problems(path: str, fingerprint: dict) -> list[str]:
     from sae_ray.buffer import ActivationBuffer
     from sae_ray.buffer.layout import diff, json_normalise
 
-    p = Path(path)
-    if not p.exists() or (p.is_dir() and not any(p.iterdir())):
-        return []
+    if "://" in path:  # an object store (s3://, gs://): it must answer, with these credentials, now
+        problem, exists = _store_problem(path)
+        if problem or not exists:
+            return [problem] if problem else []
+    else:
+        p = Path(path)
+        if not p.exists() or (p.is_dir() and not any(p.iterdir())):
+            return []
     try:
         existing = ActivationBuffer.open(path).fingerprint
     except Exception as e:  # noqa: BLE001
@@ -155,13 +160,107 @@ def _buffer_problems(path: str, fingerprint: dict) -> list[str]:
     return []
 
 
+STORE_TIMEOUT_S = 20.0
+"""How long preflight waits for the object store of a buffer.path such as s3://... to answer."""
+
+_BUCKET_PROTOCOLS = ("s3", "s3a", "gs", "gcs")
+
+
+def _store_problem(path: str, timeout_s: float = STORE_TIMEOUT_S) -> tuple[str | None, bool]:
+    """(a problem, or None; whether a buffer's zarr.json is there) for a buffer on an object store.
+
+    One read of ``<path>/zarr.json`` (absent is fine: the run creates the buffer) and, when it is
+    absent, whether the bucket exists, with the credentials the producers and trials will use
+    (the environment: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, or fsspec's
+    config). s3:// is asked with short timeouts and no retries; any store gets ``timeout_s`` in
+    all, so a closed port, a wrong endpoint, missing or wrong credentials are one line within
+    seconds, before any production. The message never holds a credential."""
+    import threading
+
+    outcome: dict[str, Any] = {}
+    protocol = path.split("://", 1)[0]
+
+    def probe() -> None:
+        try:
+            import fsspec
+
+            options: dict[str, Any] = {"skip_instance_cache": True}
+            if protocol in ("s3", "s3a"):
+                options["config_kwargs"] = {"connect_timeout": 5, "read_timeout": 10,
+                                            "retries": {"mode": "standard", "max_attempts": 1}}
+            fs, root = fsspec.core.url_to_fs(path, **options)
+            if hasattr(fs, "retries"):
+                fs.retries = 1  # s3fs's own retry loop (a class attribute; this instance is not shared)
+            try:
+                fs.cat_file(f"{root.rstrip('/')}/zarr.json")
+                outcome["exists"] = True
+            except FileNotFoundError:
+                outcome["exists"] = False
+                bucket = root.strip("/").split("/", 1)[0]
+                if protocol in _BUCKET_PROTOCOLS and bucket and not fs.exists(bucket):
+                    outcome["problem"] = (f"bucket {bucket!r} does not exist (or these credentials cannot see it): "
+                                          "create it first; sae-ray creates the buffer inside a bucket, not the bucket")
+        except BaseException as e:  # noqa: BLE001 - reported below, whatever the store raised
+            outcome["error"] = e
+
+    thread = threading.Thread(target=probe, name="sae-ray-store-probe", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    where = f"buffer.path: value {path!r}"
+    endpoint = _store_endpoint(protocol)
+    if thread.is_alive():
+        return (f"{where}: the store did not answer within {timeout_s:g}s{endpoint}: check the endpoint "
+                "(AWS_ENDPOINT_URL for s3://) and the network"), False
+    if "error" in outcome:
+        return f"{where}: {_store_error(outcome['error'], endpoint)}", False
+    if "problem" in outcome:
+        return f"{where}: {outcome['problem']}", False
+    return None, bool(outcome.get("exists"))
+
+
+def _store_endpoint(protocol: str) -> str:
+    """' (endpoint URL)' where the environment names one for s3://; '' otherwise."""
+    import os
+
+    if protocol not in ("s3", "s3a"):
+        return ""
+    try:
+        import fsspec.config
+
+        configured = fsspec.config.conf.get("s3", {}).get("endpoint_url")
+    except ImportError:
+        configured = None
+    url = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or configured
+    return f" (endpoint {url})" if url else " (endpoint: AWS's default; set AWS_ENDPOINT_URL for another S3 server)"
+
+
+def _store_error(e: BaseException, endpoint: str) -> str:
+    """One line saying what the store's exception means and what to do."""
+    name, text = type(e).__name__, str(e).strip()
+    if isinstance(e, ImportError):
+        return (f"cannot open this store ({text}): install its filesystem (pip install 'sae-ray[s3]' for s3://, "
+                "'sae-ray[gcs]' for gs://)")
+    if name in ("NoCredentialsError", "PartialCredentialsError") or "locate credentials" in text:
+        return (f"no credentials for the store ({name}: {text}){endpoint}: set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in the environment of every process of the run")
+    if isinstance(e, PermissionError) or any(s in text for s in ("SignatureDoesNotMatch", "InvalidAccessKeyId",
+                                                                  "AccessDenied", "Forbidden")):
+        return (f"the store refused these credentials ({name}: {text}){endpoint}: check AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY, and that they may read and write this path")
+    if isinstance(e, (ConnectionError, TimeoutError, OSError)) or any(
+            s in name for s in ("Connect", "Connection", "Timeout", "Endpoint")):
+        return (f"could not reach the store ({name}: {text}){endpoint}: check the endpoint (AWS_ENDPOINT_URL for "
+                "s3://) and that the server is up")
+    return f"could not read the store ({name}: {text}){endpoint}"
+
+
 # ---------------------------------------------------------------------------------------
 # The world a run needs: CPUs and GPUs for its actors and trials, a tracking store that answers
 # ---------------------------------------------------------------------------------------
 
 def available_resources(address: str | None = None) -> dict[str, Any] | None:
     """What the run's actors and trials can be given, as
-    ``{"CPU": n, "GPU": n, "nodes": [{"CPU": n, "GPU": n}, ...], "where": "..."}``.
+    ``{"CPU": n, "GPU": n, "nodes": [{"CPU": n, "GPU": n, <custom resource>: n, ...}, ...], "where": "..."}``.
 
     A Ray this process has joined: its cluster (totals from `ray.cluster_resources()`, one
     entry per alive node from `ray.nodes()`). Not joined yet but `address` or RAY_ADDRESS names
@@ -175,7 +274,7 @@ def available_resources(address: str | None = None) -> dict[str, Any] | None:
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
         total = ray.cluster_resources()
-        nodes = [{"CPU": float(n["Resources"].get("CPU", 0)), "GPU": float(n["Resources"].get("GPU", 0))}
+        nodes = [{k: float(v) for k, v in n["Resources"].items()}
                  for n in ray.nodes() if n.get("Alive") and n.get("Resources")]
         return {"CPU": float(total.get("CPU", 0)), "GPU": float(total.get("GPU", 0)), "nodes": nodes,
                 "where": "the Ray cluster"}
@@ -219,8 +318,9 @@ def resource_problems(cfg: RunConfig, available: dict[str, Any] | None = None, a
     nodes = available.get("nodes") or [{"CPU": cpu, "GPU": gpu}]
     eps = 1e-9
 
-    def fits(cpus: float, gpus: float) -> bool:
-        return any(float(n.get("CPU", 0)) + eps >= cpus and float(n.get("GPU", 0)) + eps >= gpus for n in nodes)
+    def fits(cpus: float, gpus: float, custom: dict[str, float] | None = None) -> bool:
+        need = {"CPU": cpus, "GPU": gpus, **(custom or {})}
+        return any(all(float(n.get(k, 0)) + eps >= v for k, v in need.items()) for n in nodes)
 
     has = _describe_resources(available)
     problems = []
@@ -233,6 +333,18 @@ def resource_problems(cfg: RunConfig, available: dict[str, Any] | None = None, a
                         f"need {_amount(p.count * p.num_cpus, 'CPU')} and {_amount(p.count * p.num_gpus, 'GPU')} at once, but {has}; "
                         "each producer holds its share until the buffer is complete, so the rest would wait forever: "
                         "lower producers.count or its num_cpus / num_gpus")
+    for field, custom in (("producers.resources", p.resources), ("resources.trial_resources", r.trial_resources)):
+        missing = [k for k, v in custom.items() if not any(float(n.get(k, 0)) + eps >= v for n in nodes)]
+        if missing:  # a local Ray declares no custom resources; a cluster's nodes may
+            offered = "; ".join(", ".join(f"{k}: {v:g}" for k, v in sorted(n.items()) if k not in ("CPU", "GPU")
+                                          and not k.startswith(("node:", "memory", "object_store_memory", "accelerator_type")))
+                                or "none" for n in nodes) or "none"
+            problems.append(f"{field}: {dict(custom)}: no node offers {', '.join(repr(k) for k in missing)} in that amount "
+                            f"(custom resources per node: {offered}); Ray would wait forever: declare it on a node "
+                            "(`ray start --resources`) or drop it")
+        elif custom and not fits(*(((p.num_cpus, p.num_gpus) if field.startswith("producers") else
+                                    (r.cpus_per_trial, r.gpus_per_trial))), custom):
+            problems.append(f"{field}: {dict(custom)}: no node has these together with the CPUs and GPUs asked for: {has}")
     if not fits(r.cpus_per_trial, r.gpus_per_trial):
         problems.append(f"resources: cpus_per_trial={r.cpus_per_trial:g}, gpus_per_trial={r.gpus_per_trial:g}: one trial does not "
                         f"fit: {has}; Tune would wait for it forever: lower resources.cpus_per_trial / resources.gpus_per_trial")

@@ -22,7 +22,8 @@ def _evaluate(cfg: dict, hook: str, runs: list[tuple[str, str]]) -> dict[str, di
 
 def evaluate_sweep(cfg: RunConfig, rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """{mlflow run id: headline LM figures} for the summary rows that trained an SAE (l0 not None),
-    one task per hook (eval.num_cpus, else a producer's CPUs; a producer's GPU share); {} when
+    one task per hook (eval.num_cpus, else a producer's CPUs; a producer's GPU share and custom
+    resources); {} when
     eval.lm is off."""
     if not cfg.eval.lm:
         return {}
@@ -30,7 +31,8 @@ def evaluate_sweep(cfg: RunConfig, rows: list[dict[str, Any]]) -> dict[str, dict
     for row in rows:
         if row["l0"] is not None and row["mlflow_run_id"]:
             by_hook.setdefault(row["hook"], []).append((row["mlflow_run_id"], row["version"] or ""))
-    task = _evaluate.options(num_cpus=cfg.eval.num_cpus or cfg.producers.num_cpus, num_gpus=cfg.producers.num_gpus)
+    task = _evaluate.options(num_cpus=cfg.eval.num_cpus or cfg.producers.num_cpus, num_gpus=cfg.producers.num_gpus,
+                             resources=dict(cfg.producers.resources) or None)  # runs the model: where producers run
     refs = [task.remote(cfg.model_dump(mode="json"), hook, runs) for hook, runs in by_hook.items()]
     out: dict[str, dict[str, Any]] = {}
     for part in ray.get(refs):

@@ -91,7 +91,7 @@ class ActivationProducer:
         ray.get(coordinator.producer_finished.remote(rank))
         seconds = time.perf_counter() - start
         return {"rank": rank, "rows": writer.rows, "shards": writer.shards, "seconds": seconds,
-                "resumed_after_rows": skip_rows, "pid": os.getpid()}
+                "resumed_after_rows": skip_rows, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
 
 
 def _lookup(name: str, timeout: float = 120.0):

@@ -58,6 +58,7 @@ class ProducerConfig(Section):
     count: int = Field(1, gt=0, description="Number of producer actors (one per GPU on a GPU machine).")
     num_gpus: Annotated[float, AfterValidator(ray_gpus)] = Field(0, ge=0, description="GPU share each producer takes (0 on CPU; a share below 1, or whole GPUs).")
     num_cpus: Annotated[float, AfterValidator(ray_cpus)] = Field(1, ge=0, description="CPUs each producer takes.")
+    resources: dict[str, float] = Field({}, description="Custom Ray resources each producer asks for, e.g. {producer: 1}: producers then run only on the nodes that declare them (`ray start --resources`, a cluster config's node types).")
     max_restarts: int = Field(3, ge=0, description="Times Ray restarts a producer that died; it resumes where its committed rows end.")
     write_queue: int = Field(2, ge=1, description="Shards a producer may hold while its background writer writes (the forward pass never waits on Zarr unless this fills).")
     debug_delay_s: float = Field(0.0, ge=0, description="Debugging: seconds slept per document read and between writing and committing each shard (widens the window in which a kill lands mid-shard; crash drills use it). 0: off.")
@@ -145,6 +146,7 @@ class TrackingConfig(Section):
 class ResourcesConfig(Section):
     cpus_per_trial: Annotated[float, AfterValidator(ray_cpus)] = Field(1, gt=0, description="CPUs each Tune trial takes.")
     gpus_per_trial: Annotated[float, AfterValidator(ray_gpus)] = Field(0, ge=0, description="GPU share each Tune trial takes (a share below 1, or whole GPUs).")
+    trial_resources: dict[str, float] = Field({}, description="Custom Ray resources each trial asks for, e.g. {trainer: 1}: trials then run only on the nodes that declare them.")
     max_concurrent_trials: int | None = Field(None, gt=0, description="Cap on trials running at once (None: as resources allow).")
     max_failures: int = Field(2, ge=0, description="Times Tune restarts a trial whose worker died or raised; it goes on from its last checkpoint (train.checkpoint_every) with the same MLflow runs. Tune's FailureConfig.max_failures.")
 

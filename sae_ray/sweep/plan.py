@@ -222,8 +222,9 @@ def trial_problems(cfg: RunConfig, trials: list[Trial]) -> list[str]:
 
 
 def summary_row(trial: Trial, final: dict[str, Any]) -> dict[str, Any]:
-    """One row of the sweep summary: the trial's identity, its final (held-out) figures and the
-    monitor's verdict (l0 and fvu are None for an SAE the monitor stopped)."""
+    """One row of the sweep summary: the trial's identity, its final (held-out) figures, the
+    monitor's verdict (l0 and fvu are None for an SAE the monitor stopped) and the Ray node it
+    trained on."""
     coefficient = final.get("coefficient")  # where the L0 controller left it
     knobs = {p: coefficient if p == trial.sparsity_param and coefficient is not None else trial.get(p)
              for p in SPARSITY_PARAMS}
@@ -234,6 +235,7 @@ def summary_row(trial: Trial, final: dict[str, Any]) -> dict[str, Any]:
         "tokens_seen": final["tokens_seen"], "train_tokens_per_s": final["train_tokens_per_s"],
         "verdict": final["verdict"], "reasons": final["reasons"],
         "version": final["registered_version"], "mlflow_run_id": final["mlflow_run_id"],
+        "node_id": final.get("node_id", ""),
     }
 
 

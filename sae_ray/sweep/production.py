@@ -30,14 +30,22 @@ _PRODUCTION: dict[str, list] = {}
 once the producers are done)."""
 
 
+LOOPBACK = "127.0.0.1"
+"""Where a local Ray started by sae-ray serves its dashboard."""
+
+
 def connect_ray(cfg: RunConfig, address: str | None = None) -> None:
     """Join the cluster in `address` or RAY_ADDRESS (a `ray job submit` entrypoint has it); else start a
     local Ray. Then check that the config's producers and trials fit what Ray has (a cluster's
     resources are known only once joined): ConfigError before any work is scheduled."""
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
-        ray.init(address=address or "local", log_to_driver=True,
-                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}} if not address else None)
+        # a local Ray of our own serves its dashboard on loopback only; Ray 2.60 has no setting for
+        # the rest (it turns a node address of 127.0.0.1 into the machine's, and binds its gRPC
+        # servers to every interface): tests/test_loopback.py lists them
+        local = {} if address else {"dashboard_host": LOOPBACK,
+                                    "runtime_env": {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}}
+        ray.init(address=address or "local", log_to_driver=True, **local)
     problems = resource_problems(cfg)
     if problems:
         raise ConfigError(problems, "preflight")
@@ -92,7 +100,8 @@ def start_production(cfg: RunConfig, plan: Plan, bounded: bool = True, progress_
     coordinator = start_coordinator(cfg.buffer_path(), b.n_tokens, n, max_gb, max(1, len(readers)), readers,
                                     cfg.train.eval_rows)
     p = cfg.producers
-    options = dict(num_cpus=p.num_cpus, num_gpus=p.num_gpus, max_restarts=p.max_restarts, max_task_retries=-1)
+    options = dict(num_cpus=p.num_cpus, num_gpus=p.num_gpus, max_restarts=p.max_restarts, max_task_retries=-1,
+                   resources=dict(p.resources) or None)
     producers = [ActivationProducer.options(**options).remote(cfg.model_dump(mode="json"), rank, n, name)
                  for rank in range(n)]
     held = _PRODUCTION[name] = [coordinator, *producers]  # held while producing, so that Ray keeps (and restarts) them

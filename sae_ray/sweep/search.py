@@ -191,11 +191,13 @@ def tune_parts(cfg: RunConfig) -> TuneParts:
 
 def trial_resources(cfg: RunConfig) -> tune.PlacementGroupFactory:
     """What one trial reserves, for `tune.with_resources`: a placement group of one bundle
-    {CPU: resources.cpus_per_trial, GPU: resources.gpus_per_trial} (a GPU share below 1 packs
+    {CPU: resources.cpus_per_trial, GPU: resources.gpus_per_trial, **resources.trial_resources}
+    (custom resources place it on the nodes that declare them; a GPU share below 1 packs
     several trials on one GPU; 0 asks for none). A trial that starts workers of its own would add
     one bundle per worker here."""
     r = cfg.resources
-    return tune.PlacementGroupFactory([{"CPU": float(r.cpus_per_trial), "GPU": float(r.gpus_per_trial)}])
+    return tune.PlacementGroupFactory([{"CPU": float(r.cpus_per_trial), "GPU": float(r.gpus_per_trial),
+                                        **{k: float(v) for k, v in r.trial_resources.items()}}])
 
 
 def report_scalars(rows: list[dict[str, Any]], previous: dict[str, float] | None = None) -> dict[str, float]:

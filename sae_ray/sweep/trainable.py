@@ -19,6 +19,7 @@ import tempfile
 import time
 from typing import Any
 
+import ray
 import torch
 from ray import tune
 
@@ -66,6 +67,9 @@ def train_trial(config: dict[str, Any]) -> None:
             client.set_tag(run_id, "sae_ray.resumed_at_tokens", str(resume[0]["tokens_seen"]))
     else:
         run_ids = [_open_run(cfg, client, config, stack, i, buffer) for i in range(len(stack.trials))]
+    node_id = ray.get_runtime_context().get_node_id()  # where this attempt runs (a restart may move it)
+    for run_id in run_ids:
+        client.set_tag(run_id, "sae_ray.node_id", node_id)
     reader_id = plan_stack.reader_id if cfg.buffer.max_gb else None  # registered up front: the coordinator drops shards all readers passed
 
     names = [t.name for t in stack.trials]
@@ -118,7 +122,7 @@ def train_trial(config: dict[str, Any]) -> None:
                 client.set_terminated(run_id, status="FAILED")
                 ended.add(run_id)
                 finals.append({**common, **quality, **aim, "l0": None, "fvu": None, "dead_fraction": None,
-                               "mlflow_run_id": run_id, "registered_version": ""})
+                               "mlflow_run_id": run_id, "registered_version": "", "node_id": node_id})
                 continue
             member = member_of[i]
             final = evaluate_sae(member, x)
@@ -143,7 +147,8 @@ def train_trial(config: dict[str, Any]) -> None:
                 version = tracking.register_sae(client, tracking.registry_name(cfg.model.name, hook), run_id, tags)
             client.set_terminated(run_id)
             ended.add(run_id)
-            finals.append({**final, **quality, **aim, "mlflow_run_id": run_id, "registered_version": version or ""})
+            finals.append({**final, **quality, **aim, "mlflow_run_id": run_id, "registered_version": version or "",
+                           "node_id": node_id})
     except BaseException:
         for run_id in run_ids:
             if run_id not in ended:
