@@ -172,7 +172,7 @@ def _store_problem(path: str, timeout_s: float = STORE_TIMEOUT_S) -> tuple[str |
     One read of ``<path>/zarr.json`` (absent is fine: the run creates the buffer) and, when it is
     absent, whether the bucket exists, with the credentials the producers and trials will use
     (the environment: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, or fsspec's
-    config). s3:// is asked with short timeouts and no retries; any store gets ``timeout_s`` in
+    FSSPEC_S3_KEY, FSSPEC_S3_SECRET, FSSPEC_S3_ENDPOINT_URL). s3:// is asked with short timeouts and no retries; any store gets ``timeout_s`` in
     all, so a closed port, a wrong endpoint, missing or wrong credentials are one line within
     seconds, before any production. The message never holds a credential."""
     import threading
@@ -230,7 +230,7 @@ def _store_endpoint(protocol: str) -> str:
         configured = fsspec.config.conf.get("s3", {}).get("endpoint_url")
     except ImportError:
         configured = None
-    url = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or configured
+    url = configured or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     return f" (endpoint {url})" if url else " (endpoint: AWS's default; set AWS_ENDPOINT_URL for another S3 server)"
 
 
@@ -242,11 +242,13 @@ def _store_error(e: BaseException, endpoint: str) -> str:
                 "'sae-ray[gcs]' for gs://)")
     if name in ("NoCredentialsError", "PartialCredentialsError") or "locate credentials" in text:
         return (f"no credentials for the store ({name}: {text}){endpoint}: set AWS_ACCESS_KEY_ID and "
-                "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in the environment of every process of the run")
+                "AWS_SECRET_ACCESS_KEY (or FSSPEC_S3_KEY and FSSPEC_S3_SECRET, or AWS_PROFILE) in the environment "
+                "of every process of the run")
     if isinstance(e, PermissionError) or any(s in text for s in ("SignatureDoesNotMatch", "InvalidAccessKeyId",
                                                                   "AccessDenied", "Forbidden")):
         return (f"the store refused these credentials ({name}: {text}){endpoint}: check AWS_ACCESS_KEY_ID and "
-                "AWS_SECRET_ACCESS_KEY, and that they may read and write this path")
+                "AWS_SECRET_ACCESS_KEY (or FSSPEC_S3_KEY and FSSPEC_S3_SECRET), and that they may read and write "
+                "this path")
     if isinstance(e, (ConnectionError, TimeoutError, OSError)) or any(
             s in name for s in ("Connect", "Connection", "Timeout", "Endpoint")):
         return (f"could not reach the store ({name}: {text}){endpoint}: check the endpoint (AWS_ENDPOINT_URL for "
@@ -587,8 +589,9 @@ def tracking_problems(cfg: RunConfig, timeout: float = 3.0) -> list[str]:
     elif scheme == "sqlite" and uri.startswith("sqlite:///"):
         problem = _writable_problem(uri[len("sqlite:///"):].split("?")[0], "the sqlite database")
     problems = [f"{shown}: {problem}"] if problem else []
-    artifacts = cfg.artifact_location()
-    local = unquote(urlsplit(artifacts).path) if artifacts.startswith("file:") else (artifacts if "://" not in artifacts else None)
+    artifacts = cfg.artifact_location() or ""  # None: the tracking server's own location
+    remote = "://" in artifacts or artifacts.startswith("mlflow-artifacts:")
+    local = unquote(urlsplit(artifacts).path) if artifacts.startswith("file:") else (artifacts if artifacts and not remote else None)
     if local:
         problem = _writable_problem(local, "the artifact directory")
         if problem:

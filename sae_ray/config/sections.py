@@ -138,7 +138,7 @@ class TrainConfig(Section):
 
 class TrackingConfig(Section):
     uri: TrackingURI | None = Field(None, description="MLflow tracking URI: sqlite:///<path>, http(s)://<host>:<port>, postgresql://..., mysql://..., mssql://... or databricks (MLflow 3 refuses a plain file store); default sqlite:///<workdir>/mlflow.db. Use an http:// server on a cluster.")
-    artifact_location: str | None = Field(None, description="Where artifacts go; default <workdir>/mlartifacts (ignored for an existing experiment).")
+    artifact_location: str | None = Field(None, description="Where artifacts go; default <workdir>/mlartifacts, or the server's own (proxied) location for an http(s) tracking URI (ignored for an existing experiment).")
     experiment: str = Field("sae-ray", min_length=1, description="MLflow experiment name.")
     register_models: bool = Field(True, description="Register every trained SAE in the model registry.")
 
@@ -223,8 +223,15 @@ class RunConfig(Section):
     def tracking_uri(self) -> str:
         return self.tracking.uri or default_tracking_uri(self.workdir_path())
 
-    def artifact_location(self) -> str:
-        return self.tracking.artifact_location or (self.workdir_path() / "mlartifacts").as_uri()
+    def artifact_location(self) -> str | None:
+        """tracking.artifact_location; else, for a tracking server (http/https), None: the server's
+        own (proxied `mlflow-artifacts:`) location, which trials on any node can upload to; else
+        <workdir>/mlartifacts."""
+        if self.tracking.artifact_location:
+            return self.tracking.artifact_location
+        if self.tracking_uri().startswith(("http://", "https://")):
+            return None
+        return (self.workdir_path() / "mlartifacts").as_uri()
 
     def with_absolute_paths(self) -> "RunConfig":
         """Relative paths made absolute against the current directory.
