@@ -63,3 +63,4 @@ def test_a_resource_no_node_offers_is_refused_at_submission_naming_it(cluster, t
         run_sweep(no_lm_eval(cfg))
     message = str(e.value)
     assert "producers.resources" in message and "'a100'" in message and "producer: 1" in message and "trainer: 2" in message
+

@@ -6,6 +6,7 @@
     sae-ray bench sweep       a sweep from one buffer against one run per SAE, and the sweep's bound
     sae-ray bench all         train, buffer and sweep on one device (`--device cuda`: a GPU's check)
     sae-ray bench analyze     the analysis pass over a buffer with 1, 2, ... Ray workers: rows/s, peak memory
+    sae-ray bench s3          the buffer on a loopback S3 server against local disk: MB/s, where the time goes
 """
 
 from __future__ import annotations
@@ -122,6 +123,7 @@ def add_bench_commands(subparsers: argparse._SubParsersAction) -> None:
     add_buffer_bench(sub)
     add_sweep_bench(sub)
     add_analyze_bench(sub)
+    add_s3_bench(sub)
     add_all_bench(sub)
 
 
@@ -181,6 +183,28 @@ def cmd_bench_analyze(args) -> int:
     rows = run_analyze_bench(cfg, args.ref, counts, args.split, args.top_k, args.samples, args.tracking_uri)
     print(format_rows(rows))
     return 0
+
+
+def cmd_bench_s3(args) -> int:
+    from sae_ray.bench.s3 import run_s3_bench
+
+    start = time.perf_counter()
+    run_s3_bench(rows=args.rows, d_in=args.d_in, shard_rows=args.shard_rows, chunk_rows=args.chunk_rows,
+                 codec=args.codec, workdir=args.workdir)
+    print(f"\nwall time {time.perf_counter() - start:.0f}s")
+    return 0
+
+
+def add_s3_bench(sub) -> None:
+    s3 = sub.add_parser("s3", help="the buffer on a loopback S3 server (rclone serve s3) against local disk: "
+                                   "write/read MB/s, raw PUT/GET, where the time goes")
+    s3.add_argument("--rows", type=int, default=8 * 16_384, help="rows written (default 131072)")
+    s3.add_argument("--d-in", type=int, default=384, help="activation width (default 384)")
+    s3.add_argument("--shard-rows", type=int, default=16_384, help="rows per shard (default 16384)")
+    s3.add_argument("--chunk-rows", type=int, default=4_096, help="rows per chunk (default 4096)")
+    s3.add_argument("--codec", default="zstd", choices=["zstd", "lz4", "none"], help="buffer codec (default zstd)")
+    s3.add_argument("--workdir", default=None, help="keep the files here (default: a temp dir, removed)")
+    s3.set_defaults(fn=cmd_bench_s3)
 
 
 def add_analyze_bench(sub) -> None:
