@@ -249,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     from sae_ray.buffer.commands import add_buffer_commands
 
     add_analysis_commands(sub)
+    from sae_ray.tracking.server import add_tracking_server_command
+
+    add_tracking_server_command(sub)
 
     add_buffer_commands(sub)
     add_bench_commands(sub)

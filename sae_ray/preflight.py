@@ -579,7 +579,9 @@ def tracking_problems(cfg: RunConfig, timeout: float = 3.0) -> list[str]:
     from urllib.parse import unquote, urlsplit
 
     uri = cfg.tracking_uri()
-    shown = f"tracking.uri: value {uri!r}" + ("" if cfg.tracking.uri else " (the default)")
+    from sae_ray.tracking.server import redact
+
+    shown = f"tracking.uri: value {redact(uri)!r}" + ("" if cfg.tracking.uri else " (the default)")  # never a password
     scheme = uri.split(":", 1)[0].lower()
     problem = None
     if scheme in ("http", "https"):
