@@ -9,7 +9,6 @@ import pytest
 import torch
 import yaml
 
-from sae_ray import tracking
 from sae_ray.analysis.concepts import rank_latents, read_concepts
 from sae_ray.analysis.features import FeatureStats
 from sae_ray.analysis.lens import final_norm_weight, logit_lens, steer
@@ -229,14 +228,10 @@ def test_steering_an_encoder_is_refused(tmp_path, tiny_model_factory, capsys):
 
 
 def test_a_registered_sae_gets_its_analysis_and_dashboard_in_its_run(made, tmp_path):
+    from tests.test_eval_command import register_local_sae
+
     cfg, path, _, local, model_dir, _ = made
-    uri = cfg.tracking_uri()
-    experiment_id = tracking.ensure_experiment(uri, cfg.tracking.experiment, cfg.artifact_location())
-    client = tracking.client_for(uri)
-    run_id = tracking.start_run(uri, experiment_id, "trained")
-    client.log_artifacts(run_id, str(local), tracking.SAE_ARTIFACT_PATH)
-    name = tracking.registry_name(model_dir, HOOK)
-    version = tracking.register_sae(client, name, run_id, {"architecture": "topk"})
+    client, run_id, name, version = register_local_sae(cfg, local, model_dir, HOOK)
     ref = f"{name}/{version}"
     assert main(["analyze", ref, "--config", path, "--top-k", "2", "--samples", "2", "--window", "1"]) == 0
     local_analysis = cfg.workdir_path() / "analysis" / f"{name}_v{version}"

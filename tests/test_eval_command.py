@@ -36,15 +36,21 @@ def setup(tmp_path, tiny_model_factory):
     return load_config(str(path)).with_absolute_paths(), str(path), local, model_dir
 
 
-def test_eval_of_a_registered_version_writes_a_run_tags_and_a_saebench_file(setup, capsys):
-    cfg, path, local, model_dir = setup
+def register_local_sae(cfg, local, model_dir: str, hook: str):
+    """Log the SAE directory `local` in a new run of cfg's store and register it:
+    (client, run id, registered name, version)."""
     uri = cfg.tracking_uri()
     experiment_id = tracking.ensure_experiment(uri, cfg.tracking.experiment, cfg.artifact_location())
     client = tracking.client_for(uri)
     run_id = tracking.start_run(uri, experiment_id, "trained")
     client.log_artifacts(run_id, str(local), tracking.SAE_ARTIFACT_PATH)
-    name = tracking.registry_name(model_dir, HOOK)
-    version = tracking.register_sae(client, name, run_id, {"architecture": "topk"})
+    name = tracking.registry_name(model_dir, hook)
+    return client, run_id, name, tracking.register_sae(client, name, run_id, {"architecture": "topk"})
+
+
+def test_eval_of_a_registered_version_writes_a_run_tags_and_a_saebench_file(setup, capsys):
+    cfg, path, local, model_dir = setup
+    client, run_id, name, version = register_local_sae(cfg, local, model_dir, HOOK)
 
     out = cfg.workdir_path() / "result.json"
     assert main(["eval", f"models:/{name}/{version}", "--config", path, "--output", str(out)]) == 0

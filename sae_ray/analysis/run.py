@@ -134,8 +134,11 @@ def analyze(cfg: RunConfig, sae, hook: str, out: str | Path, split: str = "eval"
     centre = np.concatenate(centre_rows)
     world = int(buffer.production().get("producers", cfg.producers.count))
     streams = StreamMap(buffer, world, cfg.train.seed)
-    rebuilt = rebuild_contexts(tokenizer, documents(cfg), streams, cfg.data.context_size, centre,
-                               _tokens(buffer, centre), window)
+    try:
+        rebuilt = rebuild_contexts(tokenizer, documents(cfg), streams, cfg.data.context_size, centre,
+                                   _tokens(buffer, centre), window)
+    except ValueError as e:  # the config's data or producers are not the buffer's: the user's to fix
+        raise ConfigError([f"data: {e}"], "sae-ray analyze") from None
     latents = np.repeat(np.array([i for _, i, _ in slots], dtype=np.int64), width)
     window_rows = rebuilt.rows.reshape(-1)
     acts = np.full(len(window_rows), np.nan, dtype=np.float32)

@@ -15,7 +15,7 @@ A cluster's trials cannot share a sqlite file; they share an HTTP tracking serve
   (a local directory, or s3://..., gs://...). Trials on other machines need no access to it.
 - The server binds 127.0.0.1 unless told otherwise. MLflow's server has no authentication:
   anyone who can reach the port can read and change every run. On a cluster, bind the head
-  node's private address (`--host 0.0.0.0` or the address) inside the cluster's network only;
+  node's private address (`--host ADDRESS`), reachable inside the cluster's network only;
   MLflow 3 answers only requests whose Host header is localhost or a private IP unless
   `--allowed-hosts` names more (e.g. a DNS name the nodes use).
 - The database password is handed to the server in its environment
@@ -188,12 +188,18 @@ def check_database(db: str, timeout: float = 5) -> None:
         engine.dispose()
 
 
+def _is_wildcard(host: str) -> bool:
+    """Whether `host` means every interface ("" or an unspecified address)."""
+    try:
+        return host == "" or ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
 def _client_host(host: str) -> str:
     """The address a client on this machine uses to reach a server bound to `host`."""
-    if host in ("", "0.0.0.0"):
-        return "127.0.0.1"
-    if host == "::":
-        return "[::1]"
+    if _is_wildcard(host):
+        return "[::1]" if ":" in host else "127.0.0.1"
     try:
         return f"[{host}]" if ipaddress.ip_address(host).version == 6 else host
     except ValueError:
@@ -303,7 +309,7 @@ def cmd_tracking_server(args) -> int:
         Path(destination).mkdir(parents=True, exist_ok=True)
     uri = f"http://{_client_host(args.host)}:{args.port}"
     print(f"MLflow tracking server: database {redact(args.db)}, artifacts {destination} (proxied)", file=sys.stderr)
-    print(f"point runs at it with   tracking.uri: {uri}" + ("" if args.host not in ("0.0.0.0", "::") else
+    print(f"point runs at it with   tracking.uri: {uri}" + ("" if not _is_wildcard(args.host) else
           "   (from other machines: this machine's address instead of 127.0.0.1)"), file=sys.stderr)
     if not _is_loopback(args.host):
         print("warning: MLflow's server has no authentication: whoever reaches this port can read and change "
