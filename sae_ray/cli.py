@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 
@@ -265,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     import yaml
 
     from sae_ray.config import ConfigError
-    from sae_ray.sweep import SweepError
+    from sae_ray.sweep import SweepError, SweepStopped
 
     args = build_parser().parse_args(argv)
     show_traceback = os.environ.get("SAE_RAY_TRACEBACK", "") not in ("", "0")
@@ -287,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except SweepStopped as e:  # SIGTERM: its runs are closed as KILLED
+        print(f"stopped: {e}", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -549,6 +549,19 @@ def _tcp_problem(uri: str, timeout: float) -> str | None:
     return f"could not reach the database at {host}:{port}: {result}"
 
 
+def _database_problem(uri: str, timeout: float) -> str | None:
+    """A database that listens must also let the run in (user, password, database name):
+    `tracking.server.database_problem`, waited for at most ~`timeout` s."""
+    from sae_ray.tracking.server import database_problem
+
+    result = _in_time(lambda: database_problem(uri, timeout), timeout + 2.5)  # libpq waits 2 s at least
+    if isinstance(result, TimeoutError):
+        return f"the database did not answer within {timeout:g} s"
+    if isinstance(result, BaseException):
+        return f"cannot connect to the database: {type(result).__name__}"  # never the text: it may hold the URI
+    return result
+
+
 def _writable_problem(path: str, what: str) -> str | None:
     """Whether `path` (a file or directory the run will create) can be created: its nearest existing
     ancestor must be a writable directory, and an existing `path` must itself be writable."""
@@ -572,7 +585,8 @@ def tracking_problems(cfg: RunConfig, timeout: float = 3.0) -> list[str]:
     """Whether the MLflow tracking store will take the run, found in at most ~`timeout` s.
 
     http(s): one GET of the REST API (experiments/search, max_results=1) must answer 2xx;
-    postgresql/mysql/mssql: the database's port must accept a connection; sqlite (the default
+    postgresql/mysql/mssql: the database's port must accept a connection, and then the database
+    must let the run in (one `SELECT 1` with its user and password); sqlite (the default
     under workdir): the database file must be creatable. A local artifact location must be
     creatable too. Databricks is not probed.
     """
@@ -586,8 +600,8 @@ def tracking_problems(cfg: RunConfig, timeout: float = 3.0) -> list[str]:
     problem = None
     if scheme in ("http", "https"):
         problem = _http_problem(uri, timeout)
-    elif scheme.split("+")[0] in ("postgresql", "mysql", "mssql"):
-        problem = _tcp_problem(uri, timeout)
+    elif scheme.split("+")[0] in ("postgresql", "mysql", "mssql"):  # the port first: a closed one is named at once
+        problem = _tcp_problem(uri, timeout) or _database_problem(uri, timeout)
     elif scheme == "sqlite" and uri.startswith("sqlite:///"):
         problem = _writable_problem(uri[len("sqlite:///"):].split("?")[0], "the sqlite database")
     problems = [f"{shown}: {problem}"] if problem else []

@@ -317,3 +317,32 @@ def test_the_server_answers_health_and_hides_the_password(pg_server):
     with urllib.request.urlopen(f"{pg_server.uri}/health", timeout=5) as response:
         assert response.status == 200
     assert PASSWORD not in " ".join(pg_server.process.args)  # handed over in the environment, not shown by ps
+
+
+def test_preflight_names_a_postgresql_tracking_uri_that_refuses_the_password(postgres, tmp_path, capsys):
+    """tracking.uri straight on PostgreSQL (MLflow's own database store, no server): the port
+    answers but the password is wrong. Preflight says so in one line, within seconds, before
+    anything is created; the right password passes."""
+    import yaml
+
+    from sae_ray.cli import main
+    from sae_ray.preflight import tracking_problems
+
+    host, port = postgres
+    bad = db_uri(host, port, password="not-the-password")
+    base = {"name": "pg", "workdir": str(tmp_path / "work"), "model": {"name": "some/model"},
+            "data": {"path": "docs.jsonl"}, "hooks": [{"layer": 1, "site": "resid_post"}]}
+    start = time.monotonic()
+    (problem,) = tracking_problems(validate_config({**base, "tracking": {"uri": bad}}))
+    assert time.monotonic() - start < 10
+    assert problem.startswith(f"tracking.uri: value {redact(bad)!r}: cannot connect")
+    assert "password authentication failed" in problem and "not-the-password" not in problem
+    assert tracking_problems(validate_config({**base, "tracking": {"uri": db_uri(host, port),
+                                                                   "artifact_location": str(tmp_path / "art")}})) == []
+
+    path = tmp_path / "pg.yaml"
+    path.write_text(yaml.safe_dump({**base, "tracking": {"uri": bad}}))
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "tracking.uri" in err and "password authentication failed" in err and "not-the-password" not in err
+    assert "Traceback" not in err and not (tmp_path / "work").exists()

@@ -15,6 +15,12 @@ class SweepError(RuntimeError):
     """Some trials of a sweep failed; the message has one line per failed trial (its root cause)."""
 
 
+class SweepStopped(BaseException):
+    """The sweep's driver got SIGTERM (`ray job stop`, a batch scheduler ending the job). Its
+    MLflow runs were closed as KILLED before this was raised; the sweep resumes when run again.
+    A BaseException, as KeyboardInterrupt is, so that no `except Exception` on the way swallows it."""
+
+
 _RAY_NAMES = {"run_sweep": "tuner", "SweepResult": "tuner", "run_cache": "production",
               "start_production": "production", "connect_ray": "production"}
 
@@ -28,4 +34,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'sae_ray.sweep' has no attribute {name!r}")
 
 
-__all__ = ["SweepError", *sorted(_RAY_NAMES)]
+__all__ = ["SweepError", "SweepStopped", *sorted(_RAY_NAMES)]

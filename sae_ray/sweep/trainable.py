@@ -149,10 +149,12 @@ def train_trial(config: dict[str, Any]) -> None:
             ended.add(run_id)
             finals.append({**final, **quality, **aim, "mlflow_run_id": run_id, "registered_version": version or "",
                            "node_id": node_id})
-    except BaseException:
+    except BaseException as e:
+        # SystemExit: Ray ends the worker of a stopped job or a killed trial with SIGTERM -> sys.exit
+        status = "KILLED" if isinstance(e, (SystemExit, KeyboardInterrupt)) else "FAILED"
         for run_id in run_ids:
             if run_id not in ended:
-                client.set_terminated(run_id, status="FAILED")
+                client.set_terminated(run_id, status=status)
         raise
     tune.report({"members": names, "final": finals, **report_scalars(finals, last)})
 

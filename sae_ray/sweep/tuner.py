@@ -17,11 +17,20 @@
    are closed as KILLED with the reason; the summary rows (one per SAE), the report and the
    aliases go into the parent run; a failed trial fails the sweep with one line per failure;
    the record is marked finished.
+
+If the driver dies of an error, the parent run and every child run still open end FAILED. If
+it gets SIGTERM (`ray job stop` sends it, and SIGKILL RAY_JOB_STOP_WAIT_TIME_S = 3 s later),
+the signal handler first ends them all KILLED, then raises `SweepStopped`; the record stays
+"running", so running the same config again resumes the sweep.
 """
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +40,7 @@ from ray import tune
 from sae_ray import tracking
 from sae_ray.config import RunConfig
 from sae_ray.preflight import Plan, preflight
-from sae_ray.sweep import SweepError
+from sae_ray.sweep import SweepError, SweepStopped
 from sae_ray.sweep import resume
 from sae_ray.sweep.plan import sort_rows, summary_row
 from sae_ray.actors.evaluator import evaluate_sweep
@@ -120,61 +129,108 @@ def run_sweep(cfg: RunConfig, address: str | None = None, plan: Plan | None = No
     print(f"[sae-ray] {len(plan.trials)} SAEs in {len(plan.stacks)} trials on {list(plan.hooks)}; "
           f"MLflow {uri} run {parent_run_id}")
 
+    def close_all(status: str, why: str) -> None:
+        """End the parent run and every child run still open as `status`, with `why`."""
+        tracking.close_open_runs(client, experiment_id, parent_run_id, status, why)
+        client.set_tag(parent_run_id, "sae_ray.closed", why)
+        client.set_terminated(parent_run_id, status=status)
+
+    stop_reason = "the sweep was stopped (SIGTERM, e.g. ray job stop); run the same config again to resume it"
+    stopped: list[bool] = []
+
+    def stop() -> None:
+        stopped.append(True)
+        close_all("KILLED", stop_reason)
+
     try:
         connect_ray(cfg, address)
-        client.set_tag(parent_run_id, "sae_ray.ray_address", ray.get_runtime_context().gcs_address)
-        producing = start_production(cfg, plan)
-        trainable = tune.with_resources(train_trial, trial_resources(cfg))
-        param_space = {**search_space(cfg, plan.stacks), "run": cfg.model_dump(mode="json"),
-                       "experiment_id": experiment_id, "parent_run_id": parent_run_id}
-        callbacks = [ProgressPrinter(), ProductionWatcher(producing)]
-        if record is not None and tune.Tuner.can_restore(tune_path):
-            # callbacks are not saved with the experiment; the restored run gets this driver's
-            tuner = tune.Tuner.restore(tune_path, trainable, param_space=param_space,
-                                       resume_unfinished=True, resume_errored=True)
-            tuner._local_tuner.get_run_config().callbacks = callbacks  # Tune has no public setter
-        else:
-            tuner = tune.Tuner(
-                trainable,
-                param_space=param_space,
-                # reuse_actors: a trial starts in the worker the last one left (torch and sae-ray
-                # already imported, memory kept), not in a fresh process; every trial asks the same
-                tune_config=tune.TuneConfig(**tune_parts(cfg)._asdict(), reuse_actors=True,
-                                            trial_name_creator=lambda t: trial_name(t.config),
-                                            trial_dirname_creator=lambda t: f"{t.trial_id}"),
-                run_config=tune.RunConfig(
-                    name=tune_path.rsplit("/", 1)[1], storage_path=tune_path.rsplit("/", 1)[0], verbose=0, callbacks=callbacks,
-                    failure_config=tune.FailureConfig(max_failures=cfg.resources.max_failures),
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
-            )
-        results = tuner.fit()
-        if cfg.buffer.max_gb:  # a window: producers may be waiting for readers that have finished
-            from sae_ray.actors.coordinator import stop_production
+        # after ray.init, which sets a SIGTERM handler of its own (sys.exit)
+        with _on_sigterm(stop, stop_reason):
+            client.set_tag(parent_run_id, "sae_ray.ray_address", ray.get_runtime_context().gcs_address)
+            producing = start_production(cfg, plan)
+            trainable = tune.with_resources(train_trial, trial_resources(cfg))
+            param_space = {**search_space(cfg, plan.stacks), "run": cfg.model_dump(mode="json"),
+                           "experiment_id": experiment_id, "parent_run_id": parent_run_id}
+            callbacks = [ProgressPrinter(), ProductionWatcher(producing)]
+            if record is not None and tune.Tuner.can_restore(tune_path):
+                # callbacks are not saved with the experiment; the restored run gets this driver's
+                tuner = tune.Tuner.restore(tune_path, trainable, param_space=param_space,
+                                           resume_unfinished=True, resume_errored=True)
+                tuner._local_tuner.get_run_config().callbacks = callbacks  # Tune has no public setter
+            else:
+                tuner = tune.Tuner(
+                    trainable,
+                    param_space=param_space,
+                    # reuse_actors: a trial starts in the worker the last one left (torch and sae-ray
+                    # already imported, memory kept), not in a fresh process; every trial asks the same
+                    tune_config=tune.TuneConfig(**tune_parts(cfg)._asdict(), reuse_actors=True,
+                                                trial_name_creator=lambda t: trial_name(t.config),
+                                                trial_dirname_creator=lambda t: f"{t.trial_id}"),
+                    run_config=tune.RunConfig(
+                        name=tune_path.rsplit("/", 1)[1], storage_path=tune_path.rsplit("/", 1)[0], verbose=0, callbacks=callbacks,
+                        failure_config=tune.FailureConfig(max_failures=cfg.resources.max_failures),
+                        checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
+                )
+            results = tuner.fit()
+            if cfg.buffer.max_gb:  # a window: producers may be waiting for readers that have finished
+                from sae_ray.actors.coordinator import stop_production
 
-            stop_production(cfg.buffer_path())
-        producer_stats = with_rates(ray.get(producing))
-        production = end_production(cfg.buffer_path())  # the buffer is done: its coordinator is not needed
-        tracking.close_open_runs(client, experiment_id, parent_run_id, "KILLED",
-                                 "its trial ended without closing it (stopped by the scheduler, or its worker died)")
-        failed = [r for r in results if r.error is not None]
-        rows = sort_rows([summary_row(t, m) for r in results if r.error is None
-                          for t, m in zip(stack_of(r.config).trials, _finals(r.metrics or {}, len(stack_of(r.config).trials)))])
-        if cfg.eval.lm and rows:  # LM-level figures of every trained SAE: one task per hook (eval.lm)
-            print(f"[sae-ray] LM-level evaluation of {sum(r['l0'] is not None for r in rows)} SAEs on "
-                  f"{cfg.eval.tokens:,} held-out tokens per hook")
-            lm = evaluate_sweep(cfg, rows)
-            for row in rows:
-                row.update(lm.get(row["mlflow_run_id"], {}))
-        log_summary(client, parent_run_id, rows, producer_stats, cfg.model.name, cfg.tracking.register_models)
-        if failed:
-            lines = [f"  {stack_of(r.config).name}: {error_line(r.error)}" for r in failed]
-            raise SweepError(f"{len(failed)} of {len(results)} trials failed:\n" + "\n".join(lines))
-        client.set_terminated(parent_run_id)
-        resume.write_record(cfg, "finished", parent_run_id, tune_path)
-    except BaseException:
-        client.set_terminated(parent_run_id, status="FAILED")
+                stop_production(cfg.buffer_path())
+            producer_stats = with_rates(ray.get(producing))
+            production = end_production(cfg.buffer_path())  # the buffer is done: its coordinator is not needed
+            tracking.close_open_runs(client, experiment_id, parent_run_id, "KILLED",
+                                     "its trial ended without closing it (stopped by the scheduler, or its worker died)")
+            failed = [r for r in results if r.error is not None]
+            rows = sort_rows([summary_row(t, m) for r in results if r.error is None
+                              for t, m in zip(stack_of(r.config).trials, _finals(r.metrics or {}, len(stack_of(r.config).trials)))])
+            if cfg.eval.lm and rows:  # LM-level figures of every trained SAE: one task per hook (eval.lm)
+                print(f"[sae-ray] LM-level evaluation of {sum(r['l0'] is not None for r in rows)} SAEs on "
+                      f"{cfg.eval.tokens:,} held-out tokens per hook")
+                lm = evaluate_sweep(cfg, rows)
+                for row in rows:
+                    row.update(lm.get(row["mlflow_run_id"], {}))
+            log_summary(client, parent_run_id, rows, producer_stats, cfg.model.name, cfg.tracking.register_models)
+            if failed:
+                lines = [f"  {stack_of(r.config).name}: {error_line(r.error)}" for r in failed]
+                raise SweepError(f"{len(failed)} of {len(results)} trials failed:\n" + "\n".join(lines))
+            client.set_terminated(parent_run_id)
+            resume.write_record(cfg, "finished", parent_run_id, tune_path)
+    except BaseException as e:
+        if stopped:  # its runs are closed already; Tune may have wrapped the SweepStopped in an error of its own
+            if isinstance(e, SweepStopped):
+                raise
+            raise SweepStopped(stop_reason) from e
+        try:
+            close_all("FAILED", f"the sweep failed: {error_line(e)}")
+        except Exception as e2:  # noqa: BLE001 - the tracking store is down too: the first error is the one to see
+            print(f"[sae-ray] could not close the sweep's MLflow runs: {error_line(e2)}", flush=True)
         raise
     return SweepResult(rows, producer_stats, parent_run_id, time.perf_counter() - start, production)
+
+
+@contextmanager
+def _on_sigterm(on_stop: Callable[[], None], why: str) -> Iterator[None]:
+    """While inside: SIGTERM calls on_stop() and raises SweepStopped(why), instead of ending the
+    process at once with nothing closed. Only the main thread can take signals (a notebook's
+    sweep in a thread keeps the default)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, previous)  # a second SIGTERM ends the process at once
+        try:
+            on_stop()
+        except Exception as e:  # noqa: BLE001 - stop anyway; a resumed sweep reopens its runs
+            print(f"[sae-ray] could not close the sweep's MLflow runs: {error_line(e)}", flush=True)
+        raise SweepStopped(why)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        if signal.getsignal(signal.SIGTERM) is handler:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _finals(metrics: dict[str, Any], n: int) -> list[dict[str, Any]]:

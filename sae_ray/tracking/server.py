@@ -152,17 +152,23 @@ def _environment(cmd: list[str]) -> tuple[list[str], dict[str, str]]:
 
 
 def check_database(db: str, timeout: float = 5) -> None:
-    """Connect to database `db` once (SQLAlchemy, `SELECT 1`) and raise TrackingServerError, naming
-    the URI without its password, if that fails: wrong user or password, no such database, nothing
-    listening, a host that does not answer within `timeout` seconds, or no driver installed."""
+    """Raise TrackingServerError naming `--db` (without its password) when `database_problem` finds one."""
+    problem = database_problem(db, timeout)
+    if problem:
+        raise TrackingServerError(f"--db: value {redact(db)!r}: {problem}")
+
+
+def database_problem(db: str, timeout: float = 5) -> str | None:
+    """Connect to database `db` once (SQLAlchemy, `SELECT 1`); None if that works, else why not, in
+    words that never hold the password: wrong user or password, no such database, nothing
+    listening, a host that does not answer within `timeout` seconds, or no driver installed.
+    One home for this check: `sae-ray tracking-server --db` and preflight's `tracking.uri` use it."""
     import sqlalchemy
 
-    shown = redact(db)
     try:
         url = sqlalchemy.engine.make_url(db)
     except Exception as e:
-        raise TrackingServerError(f"--db: value {shown!r}: not a database URI ({_scrub(str(e), db)}); "
-                                  "expected e.g. postgresql://USER:PASSWORD@HOST:5432/DB") from None
+        return f"not a database URI ({_scrub(str(e), db)}); expected e.g. postgresql://USER:PASSWORD@HOST:5432/DB"
     backend = url.get_backend_name()
     connect_args = {}
     if backend in ("postgresql", "mysql"):
@@ -170,22 +176,20 @@ def check_database(db: str, timeout: float = 5) -> None:
     try:
         engine = sqlalchemy.create_engine(url, connect_args=connect_args, poolclass=sqlalchemy.pool.NullPool)
     except ModuleNotFoundError as e:
-        package = DRIVERS.get(e.name or "", e.name)
-        raise TrackingServerError(f"--db: value {shown!r}: the database driver {e.name!r} is not installed "
-                                  f"(pip install {package})") from None
+        return f"the database driver {e.name!r} is not installed (pip install {DRIVERS.get(e.name or '', e.name)})"
     except Exception as e:
-        raise TrackingServerError(f"--db: value {shown!r}: {_scrub(str(e), db)}") from None
+        return _scrub(str(e), db)
     try:
         with engine.connect() as conn:
             conn.execute(sqlalchemy.text("SELECT 1"))
     except sqlalchemy.exc.DBAPIError as e:
         reason = " ".join(_scrub(str(e.orig), db).split()) if e.orig is not None else _scrub(str(e), db)
-        raise TrackingServerError(f"--db: value {shown!r}: cannot connect to the database: {reason}") from None
+        return f"cannot connect to the database: {reason}"
     except Exception as e:
-        raise TrackingServerError(f"--db: value {shown!r}: cannot connect to the database: "
-                                  f"{type(e).__name__}: {' '.join(_scrub(str(e), db).split())}") from None
+        return f"cannot connect to the database: {type(e).__name__}: {' '.join(_scrub(str(e), db).split())}"
     finally:
         engine.dispose()
+    return None
 
 
 def _is_wildcard(host: str) -> bool:
