@@ -336,14 +336,9 @@ def resource_problems(cfg: RunConfig, available: dict[str, Any] | None = None, a
                         "each producer holds its share until the buffer is complete, so the rest would wait forever: "
                         "lower producers.count or its num_cpus / num_gpus")
     for field, custom in (("producers.resources", p.resources), ("resources.trial_resources", r.trial_resources)):
-        missing = [k for k, v in custom.items() if not any(float(n.get(k, 0)) + eps >= v for n in nodes)]
+        missing = custom_resource_problem(field, custom, nodes)
         if missing:  # a local Ray declares no custom resources; a cluster's nodes may
-            offered = "; ".join(", ".join(f"{k}: {v:g}" for k, v in sorted(n.items()) if k not in ("CPU", "GPU")
-                                          and not k.startswith(("node:", "memory", "object_store_memory", "accelerator_type")))
-                                or "none" for n in nodes) or "none"
-            problems.append(f"{field}: {dict(custom)}: no node offers {', '.join(repr(k) for k in missing)} in that amount "
-                            f"(custom resources per node: {offered}); Ray would wait forever: declare it on a node "
-                            "(`ray start --resources`) or drop it")
+            problems.append(f"{missing}; Ray would wait forever: declare it on a node (`ray start --resources`) or drop it")
         elif custom and not fits(*(((p.num_cpus, p.num_gpus) if field.startswith("producers") else
                                     (r.cpus_per_trial, r.gpus_per_trial))), custom):
             problems.append(f"{field}: {dict(custom)}: no node has these together with the CPUs and GPUs asked for: {has}")
@@ -451,6 +446,20 @@ def window_problems(cfg: RunConfig, hooks: dict[str, int], n_stacks: int, availa
             f"{more * shard_bytes / 1e9:.3g}, or every stack at once (resources.max_concurrent_trials >= {n_stacks} and the "
             "CPUs/GPUs for them beside the producers, or fewer stacks: a larger sae.max_stack)")
     return problems
+
+
+def custom_resource_problem(field: str, custom: dict[str, float], nodes: list[dict[str, float]]) -> str | None:
+    """None if some node in `nodes` (each {resource: amount}) offers every resource of `custom` in
+    its amount; else which are missing and what each node offers, for `field`. One rule for
+    preflight and for a running sweep that lost the nodes with it (`sweep.tuner.ResourceWatcher`)."""
+    missing = [k for k, v in custom.items() if not any(float(n.get(k, 0)) + 1e-9 >= v for n in nodes)]
+    if not missing:
+        return None
+    offered = "; ".join(", ".join(f"{k}: {v:g}" for k, v in sorted(n.items()) if k not in ("CPU", "GPU")
+                                  and not k.startswith(("node:", "memory", "object_store_memory", "accelerator_type")))
+                        or "none" for n in nodes) or "none"
+    return (f"{field}: {dict(custom)}: no node offers {', '.join(repr(k) for k in missing)} in that amount "
+            f"(custom resources per node: {offered})")
 
 
 def _in_time(probe, timeout: float):

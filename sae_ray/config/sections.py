@@ -149,6 +149,7 @@ class ResourcesConfig(Section):
     trial_resources: dict[str, float] = Field({}, description="Custom Ray resources each trial asks for, e.g. {trainer: 1}: trials then run only on the nodes that declare them.")
     max_concurrent_trials: int | None = Field(None, gt=0, description="Cap on trials running at once (None: as resources allow).")
     max_failures: int = Field(2, ge=0, description="Times Tune restarts a trial whose worker died or raised; it goes on from its last checkpoint (train.checkpoint_every) with the same MLflow runs. Tune's FailureConfig.max_failures.")
+    lost_resource_timeout_s: float | None = Field(300, gt=0, description="Seconds a sweep waits once no alive node offers a custom resource it still needs (resources.trial_resources; producers.resources while producing), e.g. after the only node with it died, for a node with it to join (an autoscaler may start one); then it fails, naming the resource and what the nodes offer. None: wait as long as Ray does (for ever).")
 
 
 AUTO_MAX_STACK = 8

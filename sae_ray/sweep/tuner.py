@@ -10,7 +10,8 @@
 4. production starts (`sweep.production`); trials start as soon as shards are committed;
 5. Tune runs `train_trial` once per `Stack` of the plan, or as `sweep.search` draws them
    (`sweep.search`), restarting a trial whose worker died from its checkpoint
-   (`resources.max_failures`); a resumed sweep restores the experiment (`Tuner.restore`):
+   (`resources.max_failures`), failing the sweep once the custom resources it needs have been
+   gone from every alive node for `resources.lost_resource_timeout_s`; a resumed sweep restores the experiment (`Tuner.restore`):
    finished trials are not run again, the others go on from their checkpoints;
 6. with a bounded window, the producers are told to stop once the trials are done;
 7. child runs still RUNNING (a trial the scheduler stopped, a worker that died for good)
@@ -39,7 +40,7 @@ from ray import tune
 
 from sae_ray import tracking
 from sae_ray.config import RunConfig
-from sae_ray.preflight import Plan, preflight
+from sae_ray.preflight import Plan, available_resources, custom_resource_problem, preflight
 from sae_ray.sweep import SweepError, SweepStopped
 from sae_ray.sweep import resume
 from sae_ray.sweep.plan import sort_rows, summary_row
@@ -98,6 +99,47 @@ class ProductionWatcher(tune.Callback):
             ray.get(ready)  # re-raises a producer's error here, in the driver
 
 
+class ResourceWatcher(tune.Callback):
+    """Fail the sweep once no alive node has offered a custom resource it still needs for
+    `resources.lost_resource_timeout_s` (the nodes with it died, and none joined), naming the
+    resource and what the nodes offer, rather than leave Ray waiting for it for ever: the trials'
+    `resources.trial_resources` always, the producers' `producers.resources` while they produce."""
+
+    CHECK_EVERY_S = 1.0
+    """Seconds between two looks at the cluster's nodes."""
+
+    def __init__(self, cfg: RunConfig, producing: list):
+        self.needs = [("resources.trial_resources", dict(cfg.resources.trial_resources), None),
+                      ("producers.resources", dict(cfg.producers.resources), list(producing))]
+        self.timeout = cfg.resources.lost_resource_timeout_s
+        self.missing_since: dict[str, float] = {}
+        self.checked = 0.0
+
+    def __getstate__(self) -> dict:
+        """As ProductionWatcher's: the producers' refs are not saved with the experiment."""
+        return {**self.__dict__, "needs": [(f, c, None if refs is None else []) for f, c, refs in self.needs]}
+
+    def on_step_begin(self, iteration, trials, **info):
+        now = time.monotonic()
+        if self.timeout is None or now - self.checked < self.CHECK_EVERY_S:
+            return
+        self.checked = now
+        nodes = available_resources()["nodes"]
+        for field, custom, producing in self.needs:
+            if producing is not None:  # the producers' resources matter only while they produce
+                producing[:] = ray.wait(producing, num_returns=len(producing), timeout=0)[1]
+                if not producing:
+                    continue
+            problem = custom and custom_resource_problem(field, custom, nodes)
+            if not problem:
+                self.missing_since.pop(field, None)
+                continue
+            if now - self.missing_since.setdefault(field, now) >= self.timeout:
+                raise SweepError(f"{problem}, for {self.timeout:g} s (resources.lost_resource_timeout_s): the nodes that "
+                                 "had it are gone and none joined; run the same config again to resume the sweep once a "
+                                 "node offers it")
+
+
 def run_sweep(cfg: RunConfig, address: str | None = None, plan: Plan | None = None, fresh: bool = False) -> SweepResult:
     """Run (or resume) the sweep of `cfg`; `fresh`: start a new sweep even if one of this config
     did not finish (that one's open runs are closed as KILLED; nothing is deleted)."""
@@ -151,7 +193,7 @@ def run_sweep(cfg: RunConfig, address: str | None = None, plan: Plan | None = No
             trainable = tune.with_resources(train_trial, trial_resources(cfg))
             param_space = {**search_space(cfg, plan.stacks), "run": cfg.model_dump(mode="json"),
                            "experiment_id": experiment_id, "parent_run_id": parent_run_id}
-            callbacks = [ProgressPrinter(), ProductionWatcher(producing)]
+            callbacks = [ProgressPrinter(), ProductionWatcher(producing), ResourceWatcher(cfg, producing)]
             if record is not None and tune.Tuner.can_restore(tune_path):
                 # callbacks are not saved with the experiment; the restored run gets this driver's
                 tuner = tune.Tuner.restore(tune_path, trainable, param_space=param_space,
