@@ -30,11 +30,36 @@ def cmd_validate(args) -> int:
 
 
 def _print_warnings(cfg) -> None:
-    """What a valid config may still get wrong (an unfair metric for ASHA or Optuna), on stderr."""
+    """What a valid config may still get wrong (an unfair metric for ASHA or Optuna, too few
+    optimizer steps for an SAE to converge), on stderr."""
     from sae_ray.config.sections import search_warnings
+    from sae_ray.presets import step_warnings
 
-    for line in search_warnings(cfg):
+    for line in search_warnings(cfg) + step_warnings(cfg):
         print(f"warning: {line}", file=sys.stderr)
+
+
+def cmd_init(args) -> int:
+    """Print a starting config for a model, read from its config alone (sae_ray.presets)."""
+    from sae_ray.presets import InitError, init_config
+
+    def items(flag: str, text: str | None) -> list[str] | None:
+        if text is None:
+            return None
+        values = [v.strip() for v in text.split(",") if v.strip()]
+        if not values:
+            raise InitError(f"{flag}: value {text!r}: give at least one, separated by commas")
+        return values
+
+    layers = items("--layers", args.layers)
+    try:
+        layers = [int(v) for v in layers] if layers is not None else None
+    except ValueError:
+        raise InitError(f"--layers: value {args.layers!r}: expected block indices separated by commas, e.g. 6,12") from None
+    print(init_config(args.model, layers=layers, sites=tuple(items("--sites", args.sites)),
+                      budget_tokens=args.budget_tokens, gpus=args.gpus,
+                      architectures=tuple(items("--architectures", args.architectures))), end="")
+    return 0
 
 
 def cmd_run(args) -> int:
@@ -204,6 +229,19 @@ def build_parser() -> argparse.ArgumentParser:
     v = with_config(sub.add_parser("validate", help="check a config (and its model, hooks, data, buffer) without running"))
     v.add_argument("--static", action="store_true", help="skip the data and buffer checks")
     v.set_defaults(fn=cmd_validate)
+    i = sub.add_parser("init", help="print a starting config for a model, from its config alone (no weights)",
+                       description="Print a commented config for MODEL (a local directory, 'package:...', 'gguf:...' "
+                                   "or a hub id in the local cache): hook points, widths, a target-L0 ladder, batch "
+                                   "size and lr for the token budget, buffer and resources; every number says where it "
+                                   "comes from. E.g. sae-ray init EleutherAI/pythia-70m --layers 2,4 > my-sweep.yaml")
+    i.add_argument("model", metavar="MODEL", help="the model, as model.name takes it")
+    i.add_argument("--layers", default=None, help="block indices, e.g. 6,12 (default: the middle block)")
+    i.add_argument("--sites", default="resid_post", help="hook sites, e.g. resid_post,mlp_out (default resid_post)")
+    i.add_argument("--budget-tokens", type=int, default=None, metavar="N",
+                   help="training tokens per SAE (default: train.total_tokens's default)")
+    i.add_argument("--gpus", type=int, default=0, metavar="G", help="GPUs the run has (default 0: CPU)")
+    i.add_argument("--architectures", default="topk,batchtopk", help="SAE architectures (default topk,batchtopk)")
+    i.set_defaults(fn=cmd_init)
 
     e = sub.add_parser("eval", help="LM-level evaluation of one SAE on the config's model and held-out documents",
                        description="Splice the SAE into the config's model at its hook on held-out documents: "
