@@ -162,8 +162,8 @@ def test_tracking_server_command_proxies_artifacts_and_binds_loopback(tmp_path):
     assert flags["--backend-store-uri"] == "postgresql://u:p@db:5432/mlflow"
     assert "--serve-artifacts" in cmd and flags["--artifacts-destination"] == str((tmp_path / "a").resolve())
     assert flags["--host"] == "127.0.0.1" and flags["--port"] == "5000"
-    assert tracking_server_command("sqlite:///x.db", "s3://bucket/arts", host="0.0.0.0", port=6000)[-4:] == \
-        ["--host", "0.0.0.0", "--port", "6000"]
+    assert tracking_server_command("sqlite:///x.db", "s3://bucket/arts", host="10.0.0.5", port=6000)[-4:] == \
+        ["--host", "10.0.0.5", "--port", "6000"]  # a host given (a node's private address) is passed on
     assert redact("postgresql://sae:pw@h:1/db") == "postgresql://sae:***@h:1/db"
     assert redact("postgresql://h/db") == "postgresql://h/db"
 

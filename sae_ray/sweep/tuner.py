@@ -109,8 +109,9 @@ class ResourceWatcher(tune.Callback):
     """Seconds between two looks at the cluster's nodes."""
 
     def __init__(self, cfg: RunConfig, producing: list):
-        self.needs = [("resources.trial_resources", dict(cfg.resources.trial_resources), None),
-                      ("producers.resources", dict(cfg.producers.resources), list(producing))]
+        needs = [("resources.trial_resources", dict(cfg.resources.trial_resources), None),
+                 ("producers.resources", dict(cfg.producers.resources), list(producing))]
+        self.needs = [n for n in needs if n[1]]  # no custom resources (a local Ray): nothing to watch
         self.timeout = cfg.resources.lost_resource_timeout_s
         self.missing_since: dict[str, float] = {}
         self.checked = 0.0
@@ -121,7 +122,7 @@ class ResourceWatcher(tune.Callback):
 
     def on_step_begin(self, iteration, trials, **info):
         now = time.monotonic()
-        if self.timeout is None or now - self.checked < self.CHECK_EVERY_S:
+        if not self.needs or self.timeout is None or now - self.checked < self.CHECK_EVERY_S:
             return
         self.checked = now
         nodes = available_resources()["nodes"]
@@ -130,7 +131,7 @@ class ResourceWatcher(tune.Callback):
                 producing[:] = ray.wait(producing, num_returns=len(producing), timeout=0)[1]
                 if not producing:
                     continue
-            problem = custom and custom_resource_problem(field, custom, nodes)
+            problem = custom_resource_problem(field, custom, nodes)
             if not problem:
                 self.missing_since.pop(field, None)
                 continue
