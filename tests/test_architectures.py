@@ -157,7 +157,9 @@ def test_jumprelu_l0_target():
 def test_jumprelu_dead_latent_losses():
     x = batch()
     plain = perturb(create_sae(config("jumprelu", member=2)))
-    assert set(plain(x).aux) == {"l0"}  # both off by default
+    aux = plain(x).aux
+    assert set(aux) == {"l0", "auxk"}  # AuxK on by default (jumprelu.AUXK_COEFFICIENT), p_act off
+    assert aux["auxk"] == 0 and plain.auxk_coefficient == 1 / 32  # zero while no latent is dead
 
     cfg = config("jumprelu", member=2, pre_act_coefficient=2.0, auxk_coefficient=0.5, k_aux=2)
     sae = perturb(create_sae(cfg))

@@ -319,7 +319,7 @@ def test_pre6_finetuning_scaling_factor(tmp_path):
         load_sae_dir(tmp_path)
 
 
-@pytest.mark.parametrize("field, value", [("architecture", "transcoder"), ("architecture", "abstopk"), ("architecture", "mystery"),
+@pytest.mark.parametrize("field, value", [("architecture", "topk_transcoder"), ("architecture", "abstopk"), ("architecture", "mystery"),
                                           ("activation_fn", "tanh-relu"), ("reshape_activations", "hook_q"),
                                           ("apply_b_dec_to_input", "yes")])
 def test_unsupported_fields_are_refused_by_name(tmp_path, field, value):

@@ -1,6 +1,7 @@
 """SAE quality metrics: FVU, L0, dead latents; the one home of their formulas. Pure torch.
 
-The functions take a leading stack dim K where the SAE has one (x stays [B, d]).
+The functions take a leading stack dim K where the SAE has one (x stays [B, d]). For a transcoder
+x is the target it reconstructs (its output-space activation), not its input.
 """
 
 from __future__ import annotations
@@ -51,12 +52,13 @@ def dead_fraction(tokens_since_fired: Tensor, dead_tokens: int) -> Tensor:
 
 
 @torch.no_grad()
-def evaluate_sae(sae: SAE, x: Tensor, batch_size: int = 4096) -> dict[str, float]:
-    """Reconstruction and sparsity of `sae` on rows x [N, d_in], in float32.
+def evaluate_sae(sae: SAE, x: Tensor, target: Tensor | None = None, batch_size: int = 4096) -> dict[str, float]:
+    """Reconstruction and sparsity of `sae` on rows x [N, d_in], in float32. target [N, d_out]:
+    what it reconstructs, row for row (a transcoder needs it; an SAE's default is x itself).
 
     Returns
-      mse:           mean over rows of the summed squared error
-      fvu:           total squared error / total squared distance to the mean of all N rows
+      mse:           mean over rows of the summed squared error against the target
+      fvu:           total squared error / total squared distance of the target to its mean over all N rows
       l0:            mean number of nonzero latents per row
       dead_fraction: fraction of latents that fired on none of the rows
     The SAE runs in eval mode on its own device and dtype, `batch_size` rows at a time.
@@ -64,23 +66,34 @@ def evaluate_sae(sae: SAE, x: Tensor, batch_size: int = 4096) -> dict[str, float
     n = x.shape[0]
     if n == 0:
         raise ValueError("evaluate_sae: x has no rows")
+    if target is None and sae.cfg.is_transcoder:
+        raise ValueError(
+            f"evaluate_sae: this is a transcoder (SAEConfig.d_out={sae.cfg.d_out}); pass target "
+            "[N, d_out], the activation it reconstructs, row for row with x"
+        )
+    y = x if target is None else target
+    if y.shape[0] != n or y.shape[-1] != sae.cfg.d_target:
+        raise ValueError(
+            f"evaluate_sae: target has shape {list(y.shape)}; expected [N={n}, d_out={sae.cfg.d_target}]"
+        )
     param = sae.W_enc
     was_training = sae.training
     sae.eval()
     try:
-        total = torch.zeros(x.shape[1], dtype=torch.float64)
-        for batch in x.split(batch_size):
+        total = torch.zeros(y.shape[1], dtype=torch.float64)
+        for batch in y.split(batch_size):
             total += batch.to(param.device).float().sum(0).cpu().double()
         mean = (total / n).float().to(param.device)
 
         err = var = active = 0.0
         fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=param.device)
-        for batch in x.split(batch_size):
+        for batch, goal in zip(x.split(batch_size), y.split(batch_size)):
             xb = batch.to(param.device).float()
+            yb = goal.to(param.device).float()
             f = sae.encode(xb.to(param.dtype))
-            x_hat = sae.decode(f).float()
-            err += sse(xb, x_hat).item()
-            var += sse(xb, mean).item()
+            x_hat = sae.decode(f, xb).float()
+            err += sse(yb, x_hat).item()
+            var += sse(yb, mean).item()
             nonzero = f != 0
             active += nonzero.sum().item()
             fired |= nonzero.any(dim=0)

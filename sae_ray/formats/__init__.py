@@ -1,8 +1,9 @@
 """Import and export of SAEs in other projects' formats.
 
-- SAELens (`saelens`): a directory of cfg.json + sae_weights.safetensors; read and written.
+- SAELens (`saelens`): a directory of cfg.json + sae_weights.safetensors (SAEs and transcoders);
+  read and written.
 - sparsify (`sparsify`): a directory of cfg.json + sae.safetensors; read and written (TopK).
-- Gemma Scope (`gemmascope`): a params.npz; read.
+- Gemma Scope (`gemmascope`): a params.npz (an SAE or a transcoder); read.
 
 `load_sae_path(path, **hints)` tells them apart by their files and loads any of them. Only
 safetensors and .npz of plain arrays are read; a pickle, under any name, is refused
@@ -81,12 +82,12 @@ def load_sae_path(path: str | Path, device: str | torch.device = "cpu", **hints)
 
     hints, passed to the format's loader: SAELens: scaling_factor (s of normalize_activations
     "expected_average_only_in"); sparsify: hook_name, model_name; Gemma Scope: hook_name, site,
-    layer, model_name. A hint the format does not take is an error.
+    layer, model_name, hook_name_out (a transcoder's). A hint the format does not take is an error.
     """
     fmt, target = detect_format(path)
     loaders = {"saelens": (load_sae_dir, {"scaling_factor"}),
                "sparsify": (load_sparsify, {"hook_name", "model_name"}),
-               "gemmascope": (load_gemmascope, {"hook_name", "site", "layer", "model_name"})}
+               "gemmascope": (load_gemmascope, {"hook_name", "site", "layer", "model_name", "hook_name_out"})}
     loader, takes = loaders[fmt]
     unknown = sorted(set(hints) - takes)
     if unknown:

@@ -15,10 +15,20 @@ The architecture is the one SAELens should run: "standard", "topk", "jumprelu",
 form). What SAELens has no key for (our own architecture name, k of those,
 l1/l0 coefficients, extra) lives under "sae_ray", and wins when we read it back.
 
+Transcoders (SAEConfig.d_out set) are written in SAELens's transcoder layout (sae_lens/saes/
+transcoder.py, 6.x): architecture "transcoder" (standard), "jumprelu_transcoder" (jumprelu,
+batchtopk, matryoshka), with a skip connection "skip_transcoder", "jumprelu_skip_transcoder";
+d_out at the top level, hook_name_out and hook_head_index_out at the top level and in
+`metadata` (SAELens's LLM metadata keys), hook_layer_out at the top level (SAELens's earlier
+TranscoderConfig field), apply_b_dec_to_input false (SAELens refuses true for a transcoder: its
+b_dec is output-space; ours does not centre the input either). SAELens has no TopK or Gated
+transcoder: those are written as "topk_transcoder", "gated_transcoder" (and "..._skip_..."),
+names SAELens refuses rather than load wrong; "sae_ray" holds ours, as for every file.
+
 Weights: `SAE.saved_tensors()`, SAELens names and shapes: W_enc [d_in, d_sae],
-b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in], plus `threshold` [d_sae]
-(jumprelu, batchtopk, matryoshka) or b_gate, r_mag, b_mag [d_sae] in place of
-b_enc (gated); stored on CPU.
+b_enc [d_sae], W_dec [d_sae, d_out], b_dec [d_out] (d_out = d_in for an SAE), plus `threshold`
+[d_sae] (jumprelu, batchtopk, matryoshka) or b_gate, r_mag, b_mag [d_sae] in place of
+b_enc (gated), and W_skip [d_out, d_in] (skip transcoders: x_hat += x @ W_skip^T); stored on CPU.
 
 Reading: our files, SAELens 6.x files (its inference saves and its training checkpoints)
 and SAELens < 6 files. Every cfg.json field that changes what the SAE computes is honoured,
@@ -27,7 +37,9 @@ with an error that names the field and its value:
 
 - architecture: "standard", "topk", "jumprelu", "gated", and SAELens training checkpoints of
   "batchtopk" and "matryoshka_batchtopk" (a BatchTopKSAE / MatryoshkaSAE; the checkpoint's
-  scalar `topk_threshold` is its θ; k must be a whole number). Anything else is refused.
+  scalar `topk_threshold` is its θ; k must be a whole number); transcoders "transcoder",
+  "skip_transcoder" (standard), "jumprelu_transcoder", "jumprelu_skip_transcoder" (jumprelu),
+  which need d_out. Anything else is refused.
 - activation_fn (SAELens < 6, also "activation_fn_str"): "relu", or "topk" with
   activation_fn_kwargs.k.
 - rescale_acts_by_decoder_norm (topk, batchtopk, matryoshka; SAELens's TopK training default):
@@ -36,7 +48,8 @@ with an error that names the field and its value:
   itself does when it saves an inference SAE); θ acts on the rescaled pre, so it stays.
   Other architectures have no such field in SAELens, which ignores it; so do we.
 - apply_b_dec_to_input false: SAELens encodes x @ W_enc + b_enc. Folded: b_enc += b_dec @ W_enc
-  (gated: b_gate += b_dec @ W_enc, b_mag += (b_dec @ W_enc) * exp(r_mag)).
+  (gated: b_gate += b_dec @ W_enc, b_mag += (b_dec @ W_enc) * exp(r_mag)). A transcoder: false
+  (the default), nothing to fold (ours encodes x @ W_enc + b_enc too); true is refused.
 - normalize_activations: "none"; "expected_average_only_in" (a pre-6 `true`): the SAE was
   trained on x * s, s = sqrt(d_in) / E||x||; s comes from the `scaling_factor` argument or the
   checkpoint's activation_scaler.json and is folded as `SAE.fold_input_scale(s)`, so the loaded
@@ -46,7 +59,8 @@ with an error that names the field and its value:
   activation_whitening.safetensors and are folded (W_enc <- M @ W_enc, W_dec <- W_dec @ M^-1,
   b_dec <- b_dec @ M^-1 + mean); without that file the SAE is refused.
   "constant_norm_rescale" (x * sqrt(d_in) / ||x|| per row) and "layer_norm" (per-row mean and
-  std) depend on each input row, which no weights can hold: refused.
+  std) depend on each input row, which no weights can hold: refused. A transcoder: "none" only
+  (SAELens normalizes a transcoder's input and not its output).
 - finetuning_scaling_factor (SAELens < 6) with a `scaling_factor` [d_sae] tensor: decode used
   f * s. Folded: W_dec_i *= s_i. A tensor of ones is dropped, as SAELens does.
 - reshape_activations: "none" or "hook_z" (inputs here are already flat [B, d_in]).
@@ -91,6 +105,10 @@ SAELENS_ARCHITECTURES = {
 }
 """SAELens architecture name -> ours."""
 
+TRANSCODER_BASES = {"standard": "", "jumprelu": "jumprelu_"}
+"""The architectures SAELens has a transcoder of -> the prefix of its name ("transcoder",
+"jumprelu_transcoder"; with a skip connection "skip_transcoder", "jumprelu_skip_transcoder")."""
+
 TOPK_FAMILY = ("topk", "batchtopk", "matryoshka")
 """Our architectures that SAELens runs with `k` and `rescale_acts_by_decoder_norm`."""
 
@@ -107,9 +125,29 @@ architecture reads that knob). SAELens's AuxK decodes with b_dec, ours without: 
 a slightly different term."""
 
 
+def transcoder_name(runs_as: str, skip: bool) -> str:
+    """SAELens's architecture name for a transcoder that runs as `runs_as` ("standard" ->
+    "transcoder", "jumprelu" -> "jumprelu_transcoder"; others "<arch>_transcoder", which SAELens
+    does not have), with "skip_" before "transcoder" for a skip connection."""
+    prefix = TRANSCODER_BASES.get(runs_as, f"{runs_as}_")
+    return f"{prefix}{'skip_' if skip else ''}transcoder"
+
+
+def parse_transcoder_name(name: str) -> tuple[str, bool] | None:
+    """Inverse of `transcoder_name`: (the architecture it runs as, skip), or None for a name
+    that is not a transcoder's."""
+    if not name.endswith("transcoder"):
+        return None
+    stem = name.removesuffix("transcoder")  # "", "skip_", "jumprelu_", "jumprelu_skip_", ...
+    skip = stem.endswith("skip_")
+    stem = stem.removesuffix("skip_").removesuffix("_")
+    return (stem or "standard"), skip
+
+
 def to_saelens_cfg(cfg: SAEConfig, saved_as: str | None = None) -> dict[str, Any]:
     """The cfg.json dict for `cfg`; `saved_as`: the architecture SAELens should see,
-    when not cfg.architecture (e.g. "jumprelu" for a batchtopk SAE)."""
+    when not cfg.architecture (e.g. "jumprelu" for a batchtopk SAE). A transcoder gets its
+    SAELens transcoder name (`transcoder_name`) and fields (module docstring)."""
     topk = cfg.architecture == "topk"
     provenance = {
         "model_name": cfg.model_name,
@@ -121,18 +159,24 @@ def to_saelens_cfg(cfg: SAEConfig, saved_as: str | None = None) -> dict[str, Any
         "prepend_bos": bool(cfg.extra.get("prepend_bos", True)),
         "model_from_pretrained_kwargs": {},
     }
+    architecture = saved_as or cfg.architecture
+    if cfg.is_transcoder:
+        provenance.update(hook_name_out=cfg.hook_name_out, hook_head_index_out=None)
+        architecture = transcoder_name(architecture, cfg.skip)
     out: dict[str, Any] = {
-        "architecture": saved_as or cfg.architecture,
+        "architecture": architecture,
         "d_in": cfg.d_in,
         "d_sae": cfg.d_sae,
+        **({"d_out": cfg.d_out, "hook_layer_out": cfg.hook_layer_out} if cfg.is_transcoder else {}),
         "dtype": cfg.dtype,
         "device": "cpu",
-        "apply_b_dec_to_input": True,
+        "apply_b_dec_to_input": not cfg.is_transcoder,
         "normalize_activations": "none",
         "reshape_activations": "hook_z" if cfg.hook_name.endswith("hook_z") else "none",
         **provenance,
         "activation_fn_str": "topk" if topk else "relu",
-        "activation_fn_kwargs": {"k": cfg.k} if topk else {},
+        # no k here for a transcoder: SAELens's pre-6 path would then make the file a "topk" SAE
+        "activation_fn_kwargs": {"k": cfg.k} if topk and not cfg.is_transcoder else {},
         "finetuning_scaling_factor": False,
         "dataset_trust_remote_code": False,
         "sae_lens_training_version": None,
@@ -165,6 +209,9 @@ class SAELensMath:
     """"none", "expected_average_only_in" or "covariance_whitening"."""
     finetuning_scaling_factor: bool
     """SAELens < 6: decode multiplies f by a `scaling_factor` tensor."""
+    transcoder: bool = False
+    """A transcoder (a SAELens "...transcoder" architecture): b_dec is output-space, never
+    subtracted from the input, so apply_b_dec_to_input has nothing to fold."""
 
 
 def _getter(raw: dict[str, Any]):
@@ -186,9 +233,15 @@ def saelens_math(raw: dict[str, Any], architecture: str, source: str | Path = CF
     """The math-changing fields of a cfg.json dict, checked; `architecture` is ours.
     SAEFileError naming the field, its value and what is accepted for the rest."""
     get = _getter(raw)
-    apply_b_dec = get("apply_b_dec_to_input", True)
+    transcoder = parse_transcoder_name(str(get("architecture", ""))) is not None
+    apply_b_dec = get("apply_b_dec_to_input", not transcoder)
     if not isinstance(apply_b_dec, bool):
         raise SAEFileError(f"{source}: apply_b_dec_to_input={apply_b_dec!r}; accepted: true or false")
+    if transcoder and apply_b_dec:
+        raise SAEFileError(
+            f"{source}: apply_b_dec_to_input=true on a transcoder ({get('architecture')!r}), whose b_dec "
+            "[d_out] is output-space and cannot centre its input; accepted: false (as SAELens requires)"
+        )
     rescale = get("rescale_acts_by_decoder_norm", False)
     if not isinstance(rescale, bool):
         raise SAEFileError(f"{source}: rescale_acts_by_decoder_norm={rescale!r}; accepted: true or false")
@@ -197,6 +250,11 @@ def saelens_math(raw: dict[str, Any], architecture: str, source: str | Path = CF
         normalize = "none"
     elif normalize is True:  # SAELens < 6
         normalize = "expected_average_only_in"
+    if transcoder and normalize != "none":
+        raise SAEFileError(
+            f"{source}: normalize_activations={normalize!r} on a transcoder is not supported (SAELens "
+            "normalizes a transcoder's input and not its output); accepted: 'none'"
+        )
     if normalize not in NORMALIZE_MODES[:3]:
         why = (" (it rescales each input row by its own statistics, which no weights can hold)"
                if normalize in NORMALIZE_MODES else "")
@@ -210,7 +268,7 @@ def saelens_math(raw: dict[str, Any], architecture: str, source: str | Path = CF
     finetuning = get("finetuning_scaling_factor", False)
     if not isinstance(finetuning, bool):
         raise SAEFileError(f"{source}: finetuning_scaling_factor={finetuning!r}; accepted: true or false")
-    return SAELensMath(apply_b_dec, rescale and architecture in TOPK_FAMILY, normalize, finetuning)
+    return SAELensMath(apply_b_dec, rescale and architecture in TOPK_FAMILY, normalize, finetuning, transcoder)
 
 
 def _architecture(raw: dict[str, Any], source: str | Path) -> str:
@@ -225,6 +283,14 @@ def _architecture(raw: dict[str, Any], source: str | Path) -> str:
         return ours["architecture"]
     get = _getter(raw)
     name = get("architecture", "standard")
+    transcoder = parse_transcoder_name(str(name))
+    if transcoder is not None:
+        if transcoder[0] not in TRANSCODER_BASES:
+            raise SAEFileError(
+                f"{source}: architecture={name!r} is not supported; accepted transcoders: "
+                f"{', '.join(repr(transcoder_name(a, s)) for a in TRANSCODER_BASES for s in (False, True))}"
+            )
+        return transcoder[0]
     activation = get("activation_fn", None, "activation_fn_str")
     if activation is not None and activation not in ("relu", "topk"):
         raise SAEFileError(f"{source}: activation_fn={activation!r} is not supported; accepted: 'relu', 'topk'")
@@ -233,7 +299,8 @@ def _architecture(raw: dict[str, Any], source: str | Path) -> str:
     if name not in SAELENS_ARCHITECTURES:
         raise SAEFileError(
             f"{source}: architecture={name!r} is not supported; accepted: "
-            f"{', '.join(map(repr, SAELENS_ARCHITECTURES))}"
+            f"{', '.join(map(repr, SAELENS_ARCHITECTURES))}, and the transcoders "
+            f"{', '.join(repr(transcoder_name(a, s)) for a in TRANSCODER_BASES for s in (False, True))}"
         )
     return SAELENS_ARCHITECTURES[name]
 
@@ -256,7 +323,14 @@ def from_saelens_cfg(raw: dict[str, Any], source: str | Path = CFG_FILENAME) -> 
         if key not in raw:
             raise SAEFileError(f"{source}: missing required key {key!r}")
     architecture = _architecture(raw, source)
-    saelens_math(raw, architecture, source)
+    math = saelens_math(raw, architecture, source)
+    skip = False
+    if math.transcoder:
+        skip = parse_transcoder_name(str(get("architecture")))[1]
+        if "d_out" not in raw:
+            raise SAEFileError(
+                f"{source}: missing required key 'd_out' (architecture {get('architecture')!r} is a transcoder)"
+            )
 
     k = None
     if architecture in TOPK_FAMILY:
@@ -278,19 +352,24 @@ def from_saelens_cfg(raw: dict[str, Any], source: str | Path = CFG_FILENAME) -> 
                 extra[mine] = get(theirs)
         if architecture == "matryoshka" and get("matryoshka_widths"):
             extra["matryoshka_prefixes"] = list(get("matryoshka_widths"))
-        if get("hook_head_index") is not None:  # provenance: which head of hook_z it reads
-            extra["hook_head_index"] = get("hook_head_index")
+        for key in ("hook_head_index", "hook_head_index_out"):  # provenance: which head of hook_z
+            if get(key) is not None:
+                extra[key] = get(key)
     try:
         return SAEConfig(
             architecture=architecture,
             d_in=raw["d_in"],
             d_sae=raw["d_sae"],
+            d_out=raw["d_out"] if math.transcoder else None,
+            skip=skip,
             k=k,
             l1_coefficient=l1,
             l0_coefficient=l0,
             model_name=get("model_name", ""),
             hook_name=get("hook_name", "", "hook_point"),
             hook_layer=get("hook_layer", -1, "hook_point_layer"),
+            hook_name_out=get("hook_name_out", "") if math.transcoder else "",
+            hook_layer_out=get("hook_layer_out", -1) if math.transcoder else -1,
             context_size=get("context_size", 0),
             dataset_path=get("dataset_path", ""),
             dtype=str(get("dtype", "float32")).removeprefix("torch."),
@@ -320,8 +399,11 @@ def _saelens_tensors(tensors: dict[str, Tensor], cfg: SAEConfig, math: SAELensMa
     """A weights file's tensors, checked (names, shapes), in the names our SAE loads
     (`SAE.load_saved_tensors`): threshold from log_threshold or a scalar topk_threshold,
     a finetuning `scaling_factor` [d_sae] folded into W_dec."""
-    d_in, d_sae, arch = cfg.d_in, cfg.d_sae, cfg.architecture
-    shapes: dict[str, tuple[int, ...]] = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    d_in, d_sae, d_out, arch = cfg.d_in, cfg.d_sae, cfg.d_target, cfg.architecture
+    shapes: dict[str, tuple[int, ...]] = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_out),
+                                          "b_dec": (d_out,)}
+    if cfg.skip:
+        shapes["W_skip"] = (d_out, d_in)
     if arch == "gated":
         del shapes["b_enc"]
         shapes.update(b_gate=(d_sae,), b_mag=(d_sae,), r_mag=(d_sae,))
@@ -358,9 +440,9 @@ def fold_saelens(tensors: dict[str, Tensor], architecture: str, math: SAELensMat
                  input_scale: float | None = None, whitening: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
     """SAELens's math folded into our SAE's weights (see the module docstring), in float64,
     each tensor rounded back to its dtype. tensors: our saved names (W_enc [d_in, d_sae],
-    b_enc or b_gate / b_mag / r_mag [d_sae], W_dec [d_sae, d_in], b_dec [d_in], threshold
-    [d_sae]); input_scale: s of "expected_average_only_in", or None; whitening: mean [d_in],
-    matrix and inverse_matrix [d_in, d_in] of "covariance_whitening", or None.
+    b_enc or b_gate / b_mag / r_mag [d_sae], W_dec [d_sae, d_out], b_dec [d_out], threshold
+    [d_sae], W_skip [d_out, d_in]); input_scale: s of "expected_average_only_in", or None;
+    whitening: mean [d_in], matrix and inverse_matrix [d_in, d_in] of "covariance_whitening", or None.
     Order: decoder norms, then b_dec, in the space the SAE was trained in; then the input
     transform SAELens applied (x * s, then whitening) is undone, innermost first."""
     dtypes = {name: t.dtype for name, t in tensors.items()}
@@ -370,7 +452,7 @@ def fold_saelens(tensors: dict[str, Tensor], architecture: str, math: SAELensMat
         t["W_enc"] = t["W_enc"] * n
         t["b_enc"] = t["b_enc"] * n
         t["W_dec"] = t["W_dec"] / torch.where(n > 0, n, 1).unsqueeze(-1)  # a zero row stays zero
-    if not math.apply_b_dec_to_input:
+    if not math.apply_b_dec_to_input and not math.transcoder:
         shift = t["b_dec"] @ t["W_enc"]  # [d_sae]
         if architecture == "gated":
             t["b_gate"] = t["b_gate"] + shift

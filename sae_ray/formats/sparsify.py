@@ -132,6 +132,11 @@ def save_sparsify(sae: SAE, path: str | Path) -> Path:
     Name `path` after the hookpoint (e.g. run/layers.6) for sparsify's load_many."""
     if sae.n_stack is not None:
         raise ValueError(f"save_sparsify: this is a stack of {sae.n_stack} SAEs; save each one of sae.unstack()")
+    if sae.cfg.is_transcoder:
+        raise ValueError(
+            f"save_sparsify: this is a transcoder (SAEConfig.d_out={sae.cfg.d_out}); sae-ray writes sparsify "
+            "files of SAEs only (accepted: d_out None); save it with save_saelens"
+        )
     if sae.cfg.architecture != "topk":
         raise ValueError(
             f"save_sparsify: a {sae.cfg.architecture} SAE has no sparsify form; sparsify runs per-row "

@@ -27,23 +27,34 @@ __all__ = ["ARCHITECTURES", "SAE", "SAEConfig", "SAEOutput", "create_sae", "memb
 
 
 class SAE(nn.Module):
-    """Sparse autoencoder: x ≈ decode(encode(x)).
+    """Sparse autoencoder: x ≈ decode(encode(x)); or a transcoder: y ≈ decode(encode(x), x).
 
-        pre   = (x - b_dec) @ W_enc + b_enc        [B, d_sae]
-        f     = activation(pre)                    [B, d_sae]   non-negative, sparse
-        x_hat = f @ W_dec + b_dec                  [B, d_in]
-        mse   = mean_b sum_j (x_hat - x)^2
+        SAE (cfg.d_out None)                          transcoder (cfg.d_out set)
+        pre   = (x - b_dec) @ W_enc + b_enc           pre   = x @ W_enc + b_enc         [B, d_sae]
+        f     = activation(pre)                       f     = activation(pre)           [B, d_sae]
+        x_hat = f @ W_dec + b_dec                     x_hat = f @ W_dec + b_dec         [B, d_out]
+                                                              (+ x @ W_skip^T with cfg.skip)
+        mse   = mean_b sum_j (x_hat - x)^2            mse   = mean_b sum_j (x_hat - y)^2
         loss  = mse + sum(aux_losses(...).values())
 
+    x [B, d_in] is the input; y [B, d_out] the target (`forward(x, target)`), for an SAE x
+    itself (d_out = d_in). A transcoder reads one activation (e.g. an MLP's input) and
+    reconstructs another (that MLP's output); its b_dec lives in the output space, so the input
+    is not centred by it (as SAELens's Transcoder), and the aux losses (AuxK, Gated's aux,
+    Matryoshka's prefixes) reconstruct y too. `cfg.skip` adds a learned linear map of the
+    input, W_skip (a skip transcoder, Paulo et al. 2025), which every reconstruction includes.
+
     Parameters (SAELens names and shapes): W_enc [d_in, d_sae], b_enc [d_sae],
-    W_dec [d_sae, d_in], b_dec [d_in]. Init: W_dec rows random directions of norm
-    `decoder_init_norm`, W_enc = W_dec^T, biases zero.
+    W_dec [d_sae, d_out], b_dec [d_out], W_skip [d_out, d_in] (skip only); d_out = d_in for an
+    SAE. Init: W_dec rows random directions of norm `decoder_init_norm`; W_enc = W_dec^T for an
+    SAE, for a transcoder columns of random directions of the same norm (its input and output
+    spaces differ, so there is nothing to tie); W_skip and biases zero.
 
     Stack: `SAE([cfg_1, ..., cfg_K])` holds K SAEs of one architecture and shape
     (`n_stack = K`). Every parameter and buffer gets a leading K (W_enc [K, d_in, d_sae],
-    b_enc [K, d_sae], W_dec [K, d_sae, d_in], b_dec [K, d_in], tokens_since_fired
-    [K, d_sae], ...); x [B, d_in] is shared and every output gains a leading K. Members
-    have their own hyperparameters (as [K] tensors) and never interact: the gradient of
+    b_enc [K, d_sae], W_dec [K, d_sae, d_out], b_dec [K, d_out], tokens_since_fired
+    [K, d_sae], ...); x [B, d_in] and the target are shared and every output gains a leading K.
+    Members have their own hyperparameters (as [K] tensors) and never interact: the gradient of
     `loss.sum()` gives each the gradient it would get alone. A single SAE
     (`SAE(cfg)`, `n_stack = None`) keeps SAELens's shapes and scalar losses.
 
@@ -98,15 +109,23 @@ class SAE(nn.Module):
         the training loop from `train.dead_tokens`. None: no latent is dead."""
 
         d_in, d_sae, dtype = self.cfg.d_in, self.cfg.d_sae, torch_dtype(self.cfg.dtype)
+        d_out = self.cfg.d_target
         norm = torch.tensor(self.each_extra("decoder_init_norm", self.decoder_init_norm), dtype=torch.float32)
-        W_dec = torch.randn(len(self.cfgs), d_sae, d_in)
+        W_dec = torch.randn(len(self.cfgs), d_sae, d_out)
         W_dec *= norm.view(-1, 1, 1) / W_dec.norm(dim=-1, keepdim=True)
+        if self.cfg.is_transcoder:  # columns of random directions [K, d_in, d_sae], as long as W_dec's rows
+            W_enc = torch.randn(len(self.cfgs), d_in, d_sae)
+            W_enc *= norm.view(-1, 1, 1) / W_enc.norm(dim=-2, keepdim=True)
+        else:
+            W_enc = W_dec.transpose(-1, -2)
         if self.n_stack is None:
-            W_dec = W_dec[0]
-        self.W_enc = nn.Parameter(W_dec.transpose(-1, -2).contiguous().to(dtype))
+            W_dec, W_enc = W_dec[0], W_enc[0]
+        self.W_enc = nn.Parameter(W_enc.contiguous().to(dtype))
         self.b_enc = nn.Parameter(torch.zeros(self.shape(d_sae), dtype=dtype))
         self.W_dec = nn.Parameter(W_dec.to(dtype))
-        self.b_dec = nn.Parameter(torch.zeros(self.shape(d_in), dtype=dtype))
+        self.b_dec = nn.Parameter(torch.zeros(self.shape(d_out), dtype=dtype))
+        if self.cfg.skip:
+            self.W_skip = nn.Parameter(torch.zeros(self.shape(d_out, d_in), dtype=dtype))
         self.tokens_since_fired: Tensor
         self.register_buffer("tokens_since_fired", torch.zeros(self.shape(d_sae), dtype=torch.long), persistent=False)
 
@@ -171,10 +190,14 @@ class SAE(nn.Module):
 
     def centred_encode(self, x: Tensor, b: Tensor | None) -> Tensor:
         """(x - b_dec) @ W_enc + b: x [B, d_in], b [(K,) d_sae] or None (no bias) -> [(K,) B, d_sae].
+        A transcoder: x @ W_enc + b (its b_dec is output-space; the input is not centred).
 
         b_dec's gradient through this, -(sum_b dpre) @ W_enc^T, is computed as a vector product.
         Autograd through (x - b_dec) would spend a full [B, d_sae] @ [d_sae, d_in] matmul on it, a
         sixth of a dense training step. The value is the same: b_dec - b_dec.detach() is exactly 0."""
+        if self.cfg.is_transcoder:
+            x = x.to(self.W_enc.dtype)
+            return x @ self.W_enc if b is None else self.affine(x, self.W_enc, b)
         fixed = self.b_dec.detach()
         shift = ((self.b_dec - fixed).unsqueeze(-2) @ self.W_enc).squeeze(-2)  # zeros [(K,) d_sae]
         x = x.to(self.W_enc.dtype)
@@ -182,7 +205,8 @@ class SAE(nn.Module):
         return self.affine(centred, self.W_enc, -shift if b is None else b - shift)
 
     def pre_acts(self, x: Tensor) -> Tensor:
-        """x [B, d_in] -> [B, d_sae] ([K, B, d_sae] for a stack): (x - b_dec) @ W_enc + b_enc."""
+        """x [B, d_in] -> [B, d_sae] ([K, B, d_sae] for a stack): (x - b_dec) @ W_enc + b_enc
+        (a transcoder: x @ W_enc + b_enc)."""
         return self.centred_encode(x, self.b_enc)
 
     def activation(self, pre: Tensor) -> Tensor:
@@ -193,38 +217,80 @@ class SAE(nn.Module):
         """x [B, d_in] -> latents [B, d_sae] ([K, B, d_sae] for a stack)."""
         return self.activation(self.pre_acts(x))
 
-    def decode(self, f: Tensor) -> Tensor:
-        """f [B, d_sae] ([K, B, d_sae] for a stack) -> [B, d_in] ([K, B, d_in]): f @ W_dec + b_dec."""
-        return self.affine(f, self.W_dec, self.b_dec)
+    def decode(self, f: Tensor, x: Tensor | None = None) -> Tensor:
+        """f [B, d_sae] ([K, B, d_sae] for a stack) -> [B, d_out] ([K, B, d_out]): f @ W_dec + b_dec,
+        plus x @ W_skip^T for a skip transcoder, which needs its input x [B, d_in] (shared, or
+        [K, B, d_in]); without a skip connection x is not needed (and not read)."""
+        x_hat = self.affine(f, self.W_dec, self.b_dec)
+        return x_hat if not self.cfg.skip else x_hat + self.skip_out(x)
+
+    def skip_out(self, x: Tensor | None) -> Tensor:
+        """The skip connection's part of x_hat: x [B, d_in] (shared, or [K, B, d_in]) ->
+        x @ W_skip^T [(K,) B, d_out]. Only for a skip transcoder (cfg.skip)."""
+        if x is None:
+            raise ValueError(
+                "decode: this transcoder has a skip connection (SAEConfig.skip=True), whose part of the "
+                "reconstruction is x @ W_skip^T; pass its input: decode(f, x) with x [B, d_in]"
+            )
+        return x.to(self.W_skip.dtype) @ self.W_skip.transpose(-1, -2)
+
+    def offset(self, x: Tensor) -> Tensor:
+        """What every reconstruction adds to its f @ W_dec: b_dec, plus x @ W_skip^T for a skip
+        transcoder. x [B, d_in] -> broadcastable to [(K,) B, d_out]: b_dec [d_out] ([K, 1, d_out]
+        for a stack), with skip [(K,) B, d_out]."""
+        b_dec = self.b_dec if self.n_stack is None else self.b_dec.unsqueeze(-2)
+        return b_dec if not self.cfg.skip else b_dec + self.skip_out(x)
 
     def sparse_activation(self, pre: Tensor) -> SparseLatents | None:
         """[(K,) B, d_sae] pre-activations -> the active latents as (indices, values), for the
         sparse decoder; the same latents as `activation`. None (the default): no sparse form."""
         return None
 
-    def aux_losses(self, x: Tensor, pre: Tensor, f: Tensor, x_hat: Tensor,
+    def aux_losses(self, x: Tensor, target: Tensor, pre: Tensor, f: Tensor, x_hat: Tensor,
                    active: SparseLatents | None = None) -> dict[str, Tensor]:
-        """Extra weighted loss terms, scalar ([K] for a stack). x [B, d_in];
-        pre, f [B, d_sae]; x_hat [B, d_in] (pre, f, x_hat with a leading K for a stack);
-        active: f's active latents when this batch decoded sparsely, else None."""
+        """Extra weighted loss terms, scalar ([K] for a stack). x [B, d_in] the input; target
+        [B, d_out] what x_hat reconstructs (x for an SAE); pre, f [B, d_sae]; x_hat [B, d_out]
+        (pre, f, x_hat with a leading K for a stack); active: f's active latents when this batch
+        decoded sparsely, else None."""
         return {}
 
-    def forward(self, x: Tensor) -> SAEOutput:
-        """x [B, d_in] -> SAEOutput. In training mode also calls `observe` (firing counts).
-        With `sparse_decoding` on and a sparse form of the latents (`sparse_activation`), x_hat
-        is decoded from it (`SparseLatents.decode`); otherwise as the dense f @ W_dec + b_dec."""
+    def check_batch(self, x: Tensor, target: Tensor | None) -> Tensor:
+        """The target of a forward pass: `target` [B, d_out] checked against x [B, d_in] and the
+        config, or x itself for an SAE. ValueError naming the field and the shape otherwise."""
+        if x.shape[-1] != self.cfg.d_in:
+            raise ValueError(f"SAE.forward: x has shape {list(x.shape)}; expected [B, d_in={self.cfg.d_in}]")
+        if target is None:
+            if self.cfg.is_transcoder:
+                raise ValueError(
+                    f"SAE.forward: this is a transcoder (SAEConfig.d_out={self.cfg.d_out}), which reconstructs "
+                    "another activation than its input; pass it: forward(x, target) with target [B, d_out]"
+                )
+            return x
+        name = "d_out" if self.cfg.is_transcoder else "d_in (an SAE reconstructs its input; d_out is None)"
+        if target.shape[-1] != self.cfg.d_target or target.shape[:-1] != x.shape[:-1]:
+            raise ValueError(
+                f"SAE.forward: target has shape {list(target.shape)}; expected [B={x.shape[0]}, "
+                f"{name}={self.cfg.d_target}], one row per row of x {list(x.shape)}"
+            )
+        return target.to(self.W_enc.dtype)
+
+    def forward(self, x: Tensor, target: Tensor | None = None) -> SAEOutput:
+        """x [B, d_in], target [B, d_out] (default: x, for an SAE; a transcoder needs it) -> SAEOutput.
+        The losses compare x_hat with the target. In training mode also calls `observe` (firing
+        counts). With `sparse_decoding` on and a sparse form of the latents (`sparse_activation`),
+        x_hat is decoded from it (`SparseLatents.decode`); otherwise as the dense `decode(f, x)`."""
         x = x.to(self.W_enc.dtype)
+        target = self.check_batch(x, target)
         pre = self.pre_acts(x)
         active = self.sparse_activation(pre) if self.sparse_decoding else None
         if active is None:
             f = self.activation(pre)
-            x_hat = self.decode(f)
+            x_hat = self.decode(f, x)
         else:
             f = active.dense()
-            b_dec = self.b_dec if self.n_stack is None else self.b_dec.unsqueeze(-2)
-            x_hat = active.decode(self.W_dec) + b_dec
-        mse = (x_hat - x).pow(2).sum(-1).mean(-1)
-        aux = self.aux_losses(x, pre, f, x_hat, active)  # sees the dead mask from before this batch
+            x_hat = active.decode(self.W_dec) + self.offset(x)
+        mse = (x_hat - target).pow(2).sum(-1).mean(-1)
+        aux = self.aux_losses(x, target, pre, f, x_hat, active)  # sees the dead mask from before this batch
         loss = mse + sum(aux.values())
         if self.training:
             self.observe(pre, f)
@@ -258,24 +324,25 @@ class SAE(nn.Module):
         check_extra_number(cfg, "auxk_coefficient", 0.0)
 
     def init_auxk(self, default_coefficient: float) -> None:
-        """Set up the AuxK dead-latent loss (`auxk_loss`) from cfg.extra: "k_aux" (default
-        d_in // 2, one value per stack) and "auxk_coefficient" (per member; 0 turns it off)."""
-        self.k_aux = max(1, int(self.same_extra("k_aux", self.cfg.d_in // 2)))
+        """Set up the AuxK dead-latent loss (`auxk_loss`) from cfg.extra: "k_aux" (default half the
+        width of the reconstruction, d_in // 2 (d_out // 2 for a transcoder), one value per stack)
+        and "auxk_coefficient" (per member; 0 turns it off)."""
+        self.k_aux = max(1, int(self.same_extra("k_aux", self.cfg.d_target // 2)))
         coefficients = [float(v) for v in self.each_extra("auxk_coefficient", default_coefficient)]
         self.auxk_on = any(v > 0 for v in coefficients)
         self.hyper("auxk_coefficient", coefficients)
 
-    def auxk_loss(self, x: Tensor, pre: Tensor, x_hat: Tensor) -> Tensor:
+    def auxk_loss(self, target: Tensor, pre: Tensor, x_hat: Tensor) -> Tensor:
         """Weighted AuxK (Gao et al. 2024), scalar ([K] for a stack); zero while no latent is dead.
 
-            e     = x - x_hat                                     (detached)
+            e     = target - x_hat                                (detached; target = x for an SAE)
             z     = TopK_{k_aux}(pre restricted to dead latents)  [(K,) B, d_sae]
             auxk  = auxk_coefficient * min(n_dead / k_aux, 1) * mean_b ||z @ W_dec - e||^2
 
         The dead latents learn to explain what the live ones miss; it uses their raw
         pre-activations, so latents stuck below zero (or below a threshold) still get a
         gradient. Zero, without the work, when every member's coefficient is 0.
-        x [B, d_in]; pre [(K,) B, d_sae]; x_hat [(K,) B, d_in]. Needs `init_auxk`.
+        target [B, d_out]; pre [(K,) B, d_sae]; x_hat [(K,) B, d_out]. Needs `init_auxk`.
         """
         if not self.auxk_on:
             return x_hat.new_zeros(self.shape())
@@ -291,7 +358,7 @@ class SAE(nn.Module):
             z_dec = SparseLatents(top.indices, values, pre.shape).decode(self.W_dec)
         else:
             z_dec = torch.zeros_like(pre).scatter_(-1, top.indices, values) @ self.W_dec
-        e = (x - x_hat).detach()
+        e = (target - x_hat).detach()
         auxk = (z_dec - e).pow(2).sum(-1).mean(-1)
         scale = (n_dead.to(auxk.dtype) / self.k_aux).clamp(max=1.0)
         return self.auxk_coefficient * scale * auxk
@@ -301,7 +368,7 @@ class SAE(nn.Module):
     @torch.no_grad()
     def pre_step(self) -> None:
         """After backward, before the optimizer step: if the decoder is kept at unit
-        norm, remove from W_dec.grad [(K,) d_sae, d_in] its component along each row."""
+        norm, remove from W_dec.grad [(K,) d_sae, d_out] its component along each row."""
         if not self.unit_norm_decoder or self.W_dec.grad is None:
             return
         for W, g in member_views(self.n_stack, self.W_dec, self.W_dec.grad):
@@ -315,17 +382,28 @@ class SAE(nn.Module):
             self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
     @torch.no_grad()
-    def fold_input_scale(self, s: float) -> None:
-        """The SAE was trained on x * s; change it in place to take raw x and return
-        raw-scale x_hat with the same latents: W_enc *= s, b_dec /= s, W_dec /= s.
-        Pre-activations are unchanged, so thresholds and encoder biases are too. Run it
-        after training: decoder rows are no longer unit norm."""
+    def fold_input_scale(self, s: float, s_out: float | None = None) -> None:
+        """The SAE was trained on x * s (a transcoder: on x * s against targets y * s_out); change
+        it in place to take raw x and return raw-scale x_hat with the same latents:
+        W_enc *= s, W_dec /= s_out, b_dec /= s_out, W_skip *= s / s_out. s_out defaults to s, which
+        is what it is for an SAE (its target is its input). Pre-activations are unchanged (an SAE
+        centres x on b_dec / s), so thresholds and encoder biases are too. Run it after training:
+        decoder rows are no longer unit norm."""
         s = float(s)
-        if not s > 0:
-            raise ValueError(f"fold_input_scale: s={s!r}; expected a number > 0")
+        s_out = s if s_out is None else float(s_out)
+        for name, v in (("s", s), ("s_out", s_out)):
+            if not v > 0:
+                raise ValueError(f"fold_input_scale: {name}={v!r}; expected a number > 0")
+        if not self.cfg.is_transcoder and s_out != s:
+            raise ValueError(
+                f"fold_input_scale: s_out={s_out!r} differs from s={s!r}, but an SAE's target is its own "
+                "input (SAEConfig.d_out is None), scaled by s; give s_out only for a transcoder"
+            )
         self.W_enc *= s
-        self.W_dec /= s
-        self.b_dec /= s
+        self.W_dec /= s_out
+        self.b_dec /= s_out
+        if self.cfg.skip:
+            self.W_skip *= s / s_out
 
     # -- stacks -----------------------------------------------------------
 
@@ -415,11 +493,12 @@ def _check_stack(cfg: SAEConfig | list[SAEConfig], sae_cls: type[SAE]) -> list[S
             raise TypeError(f"stack member {i}: expected an SAEConfig, got {type(c).__name__}")
     first = cfgs[0]
     for i, c in enumerate(cfgs[1:], 1):
-        for name in ("architecture", "d_in", "d_sae", "dtype"):
+        for name in ("architecture", "d_in", "d_sae", "d_out", "skip", "dtype"):
             if getattr(c, name) != getattr(first, name):
                 raise ValueError(
                     f"SAEConfig.{name}: stack member {i} has {getattr(c, name)!r}, member 0 has "
-                    f"{getattr(first, name)!r}; the SAEs of a stack share architecture, d_in, d_sae and dtype"
+                    f"{getattr(first, name)!r}; the SAEs of a stack share architecture, d_in, d_sae, "
+                    "d_out, skip and dtype"
                 )
     if not hasattr(sae_cls, "architecture"):
         raise TypeError(f"{sae_cls.__name__} has no architecture; build an SAE with create_sae(cfg)")

@@ -26,7 +26,9 @@ class BatchTopKSAE(TopKSAE):
     default 0.01 as SAELens). Before any training batch θ = 0 and eval is a plain ReLU.
     Saved as a SAELens "jumprelu" (threshold [d_sae] filled with θ, which runs as this
     SAE's eval mode); cfg.json's "sae_ray" section keeps "batchtopk" and k, and `load_sae_dir`
-    gives back a BatchTopKSAE. Adam betas (0.9, 0.999).
+    gives back a BatchTopKSAE. Adam betas (0.9, 0.999). As a transcoder (`SAE`): pre = x @ W_enc
+    + b_enc, x_hat [B, d_out] (+ x @ W_skip^T) against the target y; saved as SAELens's
+    "jumprelu_transcoder" ("jumprelu_skip_transcoder").
     """
 
     architecture = "batchtopk"

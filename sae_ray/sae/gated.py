@@ -30,7 +30,10 @@ class GatedSAE(SAE):
     writes it. Parameters as SAELens: W_enc [d_in, d_sae], b_gate, r_mag, b_mag
     [d_sae], W_dec [d_sae, d_in], b_dec [d_in] (no b_enc). Init: W_dec rows random
     unit vectors, W_enc = W_dec^T, b_gate = r_mag = b_mag = b_dec = 0. Adam betas
-    (0, 0.999) as the GDM recipe (dictionary_learning's gated trainer).
+    (0, 0.999) as the GDM recipe (dictionary_learning's gated trainer). As a transcoder
+    (`SAE`): h = x @ W_enc, x_hat and the aux reconstruction [B, d_out] (each + x @ W_skip^T,
+    frozen in aux) against the target y; SAELens has no gated transcoder, so the file names
+    "gated_transcoder", which it refuses.
     """
 
     architecture = "gated"
@@ -69,10 +72,13 @@ class GatedSAE(SAE):
         mag = pre * self._bias(self.r_mag).exp() + self._bias(self.b_mag)
         return gate * mag.relu()
 
-    def aux_losses(self, x: Tensor, pre: Tensor, f: Tensor, x_hat: Tensor, active=None) -> dict[str, Tensor]:
-        """{"l1": ..., "aux": ...}; x [B, d_in]; pre = h, f [(K,) B, d_sae]."""
+    def aux_losses(self, x: Tensor, target: Tensor, pre: Tensor, f: Tensor, x_hat: Tensor,
+                   active=None) -> dict[str, Tensor]:
+        """{"l1": ..., "aux": ...}; x [B, d_in]; target [B, d_out]; pre = h, f [(K,) B, d_sae]."""
         gate = (pre + self._bias(self.b_gate)).relu()
         l1 = (gate @ self.W_dec.norm(dim=-1).unsqueeze(-1)).squeeze(-1).mean(-1)
         x_gate = self.affine(gate, self.W_dec.detach(), self.b_dec.detach())
-        aux = (x_gate - x).pow(2).sum(-1).mean(-1)
+        if self.cfg.skip:
+            x_gate = x_gate + self.skip_out(x).detach()
+        aux = (x_gate - target).pow(2).sum(-1).mean(-1)
         return {"l1": self.sparsity_scale * self.l1_coefficient * l1, "aux": aux}

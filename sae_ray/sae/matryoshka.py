@@ -26,6 +26,9 @@ class MatryoshkaSAE(BatchTopKSAE):
         x_hat_m = f[:, :m] @ W_dec[:m] + b_dec                     m in prefixes, m < d_sae
         loss   = mean_b ||x_hat - x||^2 + sum_m mean_b ||x_hat_m - x||^2 + auxk
 
+    As a transcoder (`SAE`): x_hat and every x_hat_m [B, d_out] (each + x @ W_skip^T) against
+    the target y in place of x.
+
     That is the sum of the prefix reconstruction losses (the largest prefix is the
     whole dictionary, whose loss is `mse`), as SAELens; aux holds each smaller one as
     "mse_prefix_<m>". Prefixes: cfg.extra["matryoshka_prefixes"], strictly increasing
@@ -61,18 +64,21 @@ class MatryoshkaSAE(BatchTopKSAE):
         self.prefixes = prefixes
         """Nested dictionary sizes, increasing, the last d_sae."""
 
-    def aux_losses(self, x: Tensor, pre: Tensor, f: Tensor, x_hat: Tensor,
+    def aux_losses(self, x: Tensor, target: Tensor, pre: Tensor, f: Tensor, x_hat: Tensor,
                    active: SparseLatents | None = None) -> dict[str, Tensor]:
         """{"mse_prefix_<m>": ... for each prefix m < d_sae, "auxk": ...}; scalars ([K] for a stack).
-        x [B, d_in]; pre, f [(K,) B, d_sae]; x_hat [(K,) B, d_in]; active: f's sparse form, if
-        this batch decoded sparsely (then each prefix decodes only its own active latents)."""
+        x [B, d_in]; target [B, d_out]; pre, f [(K,) B, d_sae]; x_hat [(K,) B, d_out]; active: f's
+        sparse form, if this batch decoded sparsely (then each prefix decodes only its own active
+        latents). Each prefix adds b_dec (and a skip transcoder's x @ W_skip^T), as x_hat does."""
         out = {}
-        b_dec = self.b_dec if self.n_stack is None else self.b_dec.unsqueeze(-2)
+        offset = self.offset(x)
         for m in self.prefixes[:-1]:
             if active is not None:
-                x_hat_m = active.decode(self.W_dec, below=m) + b_dec
+                x_hat_m = active.decode(self.W_dec, below=m) + offset
+            elif self.cfg.skip:
+                x_hat_m = f[..., :m] @ self.W_dec[..., :m, :] + offset
             else:
                 x_hat_m = self.affine(f[..., :m], self.W_dec[..., :m, :], self.b_dec)
-            out[f"mse_prefix_{m}"] = (x_hat_m - x).pow(2).sum(-1).mean(-1)
-        out["auxk"] = self.auxk_loss(x, pre, x_hat)
+            out[f"mse_prefix_{m}"] = (x_hat_m - target).pow(2).sum(-1).mean(-1)
+        out["auxk"] = self.auxk_loss(target, pre, x_hat)
         return out

@@ -2,14 +2,16 @@
 
 A k-sparse SAE keeps k of d_sae latents per row, but a dense decoder pays for all of them:
 
-    dense    x_hat = f @ W_dec                   f [B, d_sae], mostly zeros: 2*B*d_sae*d_in FLOPs
-    sparse   x_hat[b] = sum_j v[b, j] * W_dec[i[b, j]]    (i, v) [B, k]:   2*B*k*d_in FLOPs
+    dense    x_hat = f @ W_dec                   f [B, d_sae], mostly zeros: 2*B*d_sae*d_out FLOPs
+    sparse   x_hat[b] = sum_j v[b, j] * W_dec[i[b, j]]    (i, v) [B, k]:   2*B*k*d_out FLOPs
 
 and the same holds for its backward (dW_dec = f^T @ dx_hat touches only the k rows each token
 used; df = dx_hat @ W_dec^T is needed only at those k entries). `torch.nn.functional.embedding_bag`
 with `per_sample_weights` computes exactly the sparse sum, with both gradients, on CPU and CUDA,
-without materialising the [B, k, d_in] gathered rows. A stack of K SAEs decodes in the same one
-call: member s's latents are rows s*d_sae ... of W_dec flattened to [K*d_sae, d_in].
+without materialising the [B, k, d_out] gathered rows. A stack of K SAEs decodes in the same one
+call: member s's latents are rows s*d_sae ... of W_dec flattened to [K*d_sae, d_out]. d_out is
+the width of the reconstruction: d_in for an SAE; a transcoder's decoder is read the same way
+(its b_dec and skip connection are added by the caller, `SAE.offset`).
 
 `SparseLatents` holds the active latents in one of two forms:
 
@@ -67,12 +69,12 @@ class SparseLatents(NamedTuple):
     def decode(self, W_dec: Tensor, below: int | None = None) -> Tensor:
         """sum over each row's entries of value * W_dec[latent], without b_dec.
 
-        W_dec [(K,) d_sae, d_in] -> [(K,) B, d_in], in W_dec's dtype. below: only the entries of
+        W_dec [(K,) d_sae, d_out] -> [(K,) B, d_out], in W_dec's dtype. below: only the entries of
         latents < below (the first `below` latents alone, as Matryoshka's prefixes decode)."""
         *lead, B, m = self.shape
         K = lead[0] if lead else 1
-        d_in = W_dec.shape[-1]
-        weight = W_dec.reshape(K * m, d_in)
+        d_out = W_dec.shape[-1]
+        weight = W_dec.reshape(K * m, d_out)
         values = self.values.to(W_dec.dtype)
         first = torch.arange(K, device=W_dec.device) * m  # member s's latents start at row s * d_sae
         if not self.flat:  # row form: one bag per (member, row), k entries each
@@ -81,7 +83,7 @@ class SparseLatents(NamedTuple):
                 values = values * (latents < below).view_as(values)
             ids = (latents + first.view(K, 1, 1)).view(K * B, -1)
             out = F.embedding_bag(ids, weight, mode="sum", per_sample_weights=values.reshape(K * B, -1))
-            return out.view(*lead, B, d_in)
+            return out.view(*lead, B, d_out)
         flat = self.indices.reshape(K, -1)
         rows, latents = flat // m, flat % m
         if below is not None:
@@ -91,7 +93,7 @@ class SparseLatents(NamedTuple):
         offsets = counts.cumsum(0) - counts
         ids = (latents + first.view(K, 1)).reshape(-1)
         out = F.embedding_bag(ids, weight, offsets, mode="sum", per_sample_weights=values.reshape(-1))
-        return out.view(*lead, B, d_in)
+        return out.view(*lead, B, d_out)
 
 
 def top_k(x: Tensor, k: int | Tensor, k_max: int) -> tuple[Tensor, Tensor]:

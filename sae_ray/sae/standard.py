@@ -16,6 +16,9 @@ class StandardSAE(SAE):
         l1    = sparsity_scale * λ * mean_b sum_i f_i ||W_dec[i]||  λ = l1_coefficient
         loss  = mean_b ||x_hat - x||^2 + l1
 
+    As a transcoder (`SAE`): f = ReLU(x @ W_enc + b_enc), x_hat [B, d_out] (+ x @ W_skip^T)
+    against the target y in place of x; saved as SAELens's "transcoder" ("skip_transcoder").
+
     Weighting f_i by ||W_dec[i]|| means shrinking f_i while growing W_dec[i]
     cannot lower the penalty, so the decoder needs no norm constraint
     (`pre_step` / `post_step` do nothing). Init, simplified from that update:
@@ -44,7 +47,8 @@ class StandardSAE(SAE):
         """[(K,) B, d_sae] -> same: ReLU."""
         return pre.relu()
 
-    def aux_losses(self, x: Tensor, pre: Tensor, f: Tensor, x_hat: Tensor, active=None) -> dict[str, Tensor]:
+    def aux_losses(self, x: Tensor, target: Tensor, pre: Tensor, f: Tensor, x_hat: Tensor,
+                   active=None) -> dict[str, Tensor]:
         """{"l1": sparsity_scale * λ * mean_b sum_i f_i ||W_dec[i]||}; f [(K,) B, d_sae]."""
         l1 = (f @ self.W_dec.norm(dim=-1).unsqueeze(-1)).squeeze(-1).mean(-1)  # sum_i f_i ||W_dec[i]||
         return {"l1": self.sparsity_scale * self.l1_coefficient * l1}

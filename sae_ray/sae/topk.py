@@ -34,7 +34,9 @@ class TopKSAE(SAE):
     one value per stack), "auxk_coefficient" (default 1/32). As in sparsify, `pre_step`
     removes the gradient along each decoder row and `post_step` renormalises the rows. Init: W_dec rows random unit
     vectors, W_enc = W_dec^T, biases zero. Adam betas (0.9, 0.999) (Gao et al.).
-    A stack may mix k: each member keeps its own k of the top max(k).
+    A stack may mix k: each member keeps its own k of the top max(k). As a transcoder
+    (`SAE`): pre = x @ W_enc + b_enc, x_hat [B, d_out] (+ x @ W_skip^T) and e against the
+    target y; SAELens has no TopK transcoder, so the file names "topk_transcoder", which it refuses.
     """
 
     architecture = "topk"
@@ -77,6 +79,7 @@ class TopKSAE(SAE):
         k = self.k if isinstance(self.k, int) else self.per_row(self.k)
         return SparseLatents(*top_k(pre, k, self.k_max), pre.shape)
 
-    def aux_losses(self, x: Tensor, pre: Tensor, f: Tensor, x_hat: Tensor, active=None) -> dict[str, Tensor]:
-        """{"auxk": ...} (zero while no latent is dead). x [B, d_in]; pre, f [(K,) B, d_sae]."""
-        return {"auxk": self.auxk_loss(x, pre, x_hat)}
+    def aux_losses(self, x: Tensor, target: Tensor, pre: Tensor, f: Tensor, x_hat: Tensor,
+                   active=None) -> dict[str, Tensor]:
+        """{"auxk": ...} (zero while no latent is dead). target [B, d_out]; pre, f [(K,) B, d_sae]."""
+        return {"auxk": self.auxk_loss(target, pre, x_hat)}

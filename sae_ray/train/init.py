@@ -1,4 +1,5 @@
-"""What the loop learns from the first batches before training: the input scale and b_dec."""
+"""What the loop learns from the first batches before training: the input scale and b_dec
+(a transcoder's output scale and b_dec come from its targets, the same way)."""
 
 from __future__ import annotations
 
@@ -31,8 +32,9 @@ def geometric_median(x: Tensor, max_iter: int = 100, tol: float = 1e-7) -> Tenso
 
 @torch.no_grad()
 def expected_norm_scale(batches: list[Tensor]) -> float:
-    """s = sqrt(d_in / E||x||^2) over every row of `batches` (each [B, d_in]), so that x*s has
-    mean squared norm d_in (about unit size per coordinate). 1.0 for all-zero data."""
+    """s = sqrt(d / E||x||^2) over every row of `batches` (each [B, d]: d_in for inputs, d_out for a
+    transcoder's targets), so that x*s has mean squared norm d (about unit size per coordinate).
+    1.0 for all-zero data."""
     rows = sum(b.shape[0] for b in batches)
     sq = sum(b.double().pow(2).sum().item() for b in batches)
     d_in = batches[0].shape[-1]
@@ -52,7 +54,8 @@ def first_rows(batches: list[Tensor], n: int) -> Tensor:
 
 @torch.no_grad()
 def init_b_dec(sae: torch.nn.Module, sample: Tensor, method: str) -> None:
-    """Set b_dec ([d_in], or [K, d_in] for a stack: every member the same) from sample [N, d_in].
+    """Set b_dec ([d_out], or [K, d_out] for a stack: every member the same) from sample [N, d_out]:
+    what the SAE reconstructs (its inputs; a transcoder's targets, as b_dec is output-space).
 
     method: "geometric_median", "mean" or "zeros".
     """

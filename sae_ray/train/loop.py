@@ -4,12 +4,16 @@ Callers pass `on_log(step, metrics)` to forward metrics wherever they go (Tune, 
 a notebook's print); `metrics` holds one dict per member still training (a list of one for a
 single SAE), each naming its member by its original index under "member". The quality monitor
 (`train.monitor`, `sae_ray.train.monitor`) may stop members; the others train on.
+
+`batches` may also be a tensor [N, d_in] (a notebook's activations): `tensor_batches` shuffles it
+per epoch and cuts it into `train.batch_size` rows. The trained SAE comes back in eval mode.
 """
 
 from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 from dataclasses import dataclass, field
@@ -42,6 +46,9 @@ class TrainState:
     training ended (for a stopped member: when it was stopped)."""
     input_scale: float = 1.0
     """s: the SAE trained on x*s; s is folded into the returned SAE, which takes raw x."""
+    output_scale: float = 1.0
+    """s_out: a transcoder trained against targets x_out*s_out (folded in too, so it returns raw
+    output-space activations); s itself for an SAE, whose target is its input."""
     verdicts: list[str] = field(default_factory=list)
     """Per member: the monitor's verdict, "ok", "warn" or "stopped"."""
     reasons: list[list[str]] = field(default_factory=list)
@@ -56,6 +63,10 @@ class TrainState:
     coefficients: list[float | None] = field(default_factory=list)
     """Per member: its sparsity coefficient at the end (the L0 controller's last λ for a
     target-L0 member of a coefficient architecture); None for the k architectures."""
+    data_ran_out_at: int | None = None
+    """Tokens seen when `batches` ended before `train.total_tokens` (a warning said so: the lr
+    and sparsity schedules had been laid out for the whole budget, so the run stopped short of
+    their end); None when the budget was reached (or the monitor stopped every member)."""
 
 
 def train_sae(
@@ -67,12 +78,19 @@ def train_sae(
     targets: list[float | None] | None = None,
     on_checkpoint: Callable[[dict[str, Any], dict[str, Tensor]], None] | None = None,
     resume: tuple[dict[str, Any], dict[str, Tensor]] | None = None,
+    epochs: int | None = None,
 ) -> TrainState:
     """Train `sae` (one SAE, or a stack of K sharing each batch) until `train.total_tokens` rows
     have been seen; one optimizer step per batch. Returns a TrainState; the trained SAE is
     `state.sae` (`sae` itself, trained in place, unless the monitor stopped a member).
 
-    batches: yields float tensors x [B, d_in], on any device (moved to the SAE's).
+    batches: yields float tensors x [B, d_in], on any device (moved to the SAE's); or a tensor
+    x [N, d_in], read as `tensor_batches(x, train.batch_size, train.seed, epochs)`: a fresh
+    permutation of the rows every epoch, the epochs one stream cut into batches of
+    train.batch_size rows, for as many epochs as train.total_tokens takes (at most `epochs`).
+    epochs: tensor input only; None: as many as the budget takes.
+    A transcoder (`sae.cfg.d_out` set) needs pairs instead: `batches` yields tuples (x_in [B, d_in],
+    x_out [B, d_out]), the activation it reads and the one it reconstructs, row for row.
     lrs: a learning rate per stack member (default: train.lr for each).
     targets: a target L0 per stack member (None: none). For a coefficient architecture
     (ReLU+L1, Gated, JumpReLU) the L0 controller (`train.l0_control`, `sae_ray.train.target`)
@@ -90,15 +108,22 @@ def train_sae(
     s = sqrt(d_in / E||x||^2) ("expected_norm"; 1 with "none") and b_dec (`train.b_dec_init`,
     the same for every member); they are then trained on like the rest. The SAE trains on x*s,
     and at the end s is folded into its weights (`sae.fold_input_scale`), so the returned SAE
-    takes raw activations. Schedules count steps of a run of ceil(total_tokens / B) steps, B
-    the first batch's rows (see `optim.lr_factor`, `optim.sparsity_factor`).
+    takes raw activations. A transcoder: s from x_in; s_out = sqrt(d_out / E||x_out||^2) and
+    b_dec from x_out (b_dec is output-space); it trains on x_in*s against x_out*s_out, and both
+    are folded (`sae.fold_input_scale(s, s_out)`), so it returns raw output-space activations.
+    Schedules count steps of a run of ceil(total_tokens / B) steps, B the first batch's rows
+    (see `optim.lr_factor`, `optim.sparsity_factor`). If `batches` ends before total_tokens,
+    the run ends there: a RuntimeWarning says so and `state.data_ran_out_at`
+    records the tokens seen (the schedules were laid out for the whole budget, so the lr never
+    decayed as planned).
 
     `sae.dead_tokens` is set to `train.dead_tokens`: the latents the dead-latent losses (AuxK,
     JumpReLU's pre-activation loss) treat as dead are the ones counted in dead_fraction.
 
-    Each step: set the lr and `sae.sparsity_scale`; forward (bf16 autocast per `train.autocast`);
-    backward of the summed member losses (members are independent, so each gets its own
-    gradient); `sae.pre_step()`; clip to `train.grad_clip_norm` (per member); Adam step
+    Each step: scale the batch (x*s, and a transcoder's x_out*s_out); set the lr and
+    `sae.sparsity_scale`; forward (`sae(x)`, a transcoder's `sae(x_in, x_out)`; bf16 autocast
+    per `train.autocast`); backward of the summed member losses (members are independent, so
+    each gets its own gradient); `sae.pre_step()`; clip to `train.grad_clip_norm` (per member); Adam step
     (betas: `train.adam_betas`, else `sae.adam_betas`); `sae.post_step()`; with targets, the batch
     joins the controller's reservoir (a uniform sample of the rows trained on), and in the control
     span the L0 controller sets the targeted members' coefficients from the reservoir's L0,
@@ -118,11 +143,16 @@ def train_sae(
     order of the current stack; each dict's "member" is that member's original index (its
     position in the SAE passed in, 0 for a single SAE; key by it, not by list position). The log
     step that stops a member still carries its dict (the figures that stopped it); later ones do
-    not. Each dict has member, loss, mse (summed squared error per row, in the units of x*s),
-    fvu (of the batch; scale-free), l0, dead_fraction (latents silent for `train.dead_tokens`
-    tokens, from `sae.tokens_since_fired`), `<name>_loss` for each aux term (units of x*s), lr,
+    not. Each dict has member, loss, mse (summed squared error per row, in the units of x*s;
+    a transcoder's: against x_out*s_out), fvu (of the batch, against the target; scale-free),
+    l0, dead_fraction (latents silent for `train.dead_tokens` tokens, from `sae.tokens_since_fired`), `<name>_loss` for each aux term (units of x*s), lr,
     sparsity_scale, tokens, tokens_per_s, and coefficient (the sparsity coefficient now) for a
     coefficient architecture.
+
+    At the end: sparsity_scale back to 1, s (a transcoder's s_out too) folded into the weights,
+    the SAE in eval mode (`sae.eval()`: BatchTopK and Matryoshka then encode each row with their
+    threshold θ, not with a top-k over the batch; every architecture stops counting firings),
+    and, if the batches ended before total_tokens, the RuntimeWarning and `state.data_ran_out_at`.
     """
     device = next(sae.parameters()).device
     n_stack = sae.n_stack
@@ -141,20 +171,24 @@ def train_sae(
 
     state = TrainState(dead_fraction=[0.0] * n, member_tokens=[0] * n)
     start = time.perf_counter()
-    batches = iter(batches)
+    batches = _batch_source(batches, train, epochs, sae.cfg.d_in)
     if resume is None:
         first = _take(batches, train.init_batches, train.total_tokens)
-        scale = expected_norm_scale(first) if train.normalize_activations == "expected_norm" else 1.0
-        init_b_dec(sae, first_rows(first, MEDIAN_ROWS).to(device).float() * scale, train.b_dec_init)
-        total_steps = math.ceil(train.total_tokens / first[0].shape[0])
+        inputs, outputs = _unzip(first, sae)  # outputs: what it reconstructs (the inputs, for an SAE)
+        expected = train.normalize_activations == "expected_norm"
+        scale = expected_norm_scale(inputs) if expected else 1.0
+        scale_out = scale if outputs is inputs else (expected_norm_scale(outputs) if expected else 1.0)
+        init_b_dec(sae, first_rows(outputs, MEDIAN_ROWS).to(device).float() * scale_out, train.b_dec_init)
+        total_steps = math.ceil(train.total_tokens / inputs[0].shape[0])
     else:
         first, (meta, tensors) = [], resume
         scale, total_steps, members = meta["input_scale"], meta["total_steps"], list(meta["members"])
+        scale_out = meta.get("output_scale", scale)
         if members != list(range(n)):  # the monitor had stopped some: rebuild the survivors' stack
             with torch.random.fork_rng(devices=[]):
                 sae = type(sae).stack([sae.unstack()[i] for i in members])
             lrs, targets = [lrs[i] for i in members], [targets[i] for i in members]
-    state.input_scale = scale
+    state.input_scale, state.output_scale = scale, scale_out
     prior_seconds = 0.0 if resume is None else float(meta["seconds"])
     control = L0Controller(targets, [getattr(c, sae.sparsity_param) if coefficient_arch else 1.0 for c in sae.cfgs],
                            start_step=round(train.sparsity_warmup_fraction * total_steps),
@@ -174,15 +208,21 @@ def train_sae(
     sae.dead_tokens = train.dead_tokens
     last_tokens, last_time = 0, start
     watch = on_log is not None or train.monitor.enabled  # metrics are computed only at log steps
-    for x in _replay(first, batches):
+    done = False
+    for batch in _replay(first, batches):
+        x, y = _split(batch, sae)  # y: a transcoder's target; None for an SAE (its target is x)
         x = x.to(device, non_blocking=True).float()
         if scale != 1.0:
             x = x * scale
+        if y is not None:
+            y = y.to(device, non_blocking=True).float()
+            if scale_out != 1.0:
+                y = y * scale_out
         lr_now = lr_factor(state.step, total_steps, train)
         opt.lr = lrs[0] * lr_now if same_lr else [lr * lr_now for lr in lrs]
         sae.sparsity_scale = sparsity_factor(state.step, total_steps, train)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = sae(x)
+            out = sae(x, y)
         opt.zero_grad()
         out.loss.sum().backward()
         sae.pre_step()
@@ -203,7 +243,7 @@ def train_sae(
             now = time.perf_counter()
             per_s = (state.tokens_seen - last_tokens) / max(now - last_time, 1e-9)
             extra = {"sparsity_scale": sae.sparsity_scale, "tokens": float(state.tokens_seen), "tokens_per_s": per_s}
-            metrics = _metrics(sae, out, x, [lr * lr_now for lr in lrs], extra, members)
+            metrics = _metrics(sae, out, x if y is None else y, [lr * lr_now for lr in lrs], extra, members)
             if coefficient_arch:
                 for m, c in zip(metrics, sae.cfgs):
                     m["coefficient"] = getattr(c, sae.sparsity_param)
@@ -236,13 +276,22 @@ def train_sae(
 
     if sae is not None:
         sae.sparsity_scale = 1.0
-        if scale != 1.0:
-            sae.fold_input_scale(scale)
+        if scale != 1.0 or scale_out != 1.0:
+            sae.fold_input_scale(scale, scale_out)
         dead = dead_fraction(sae.tokens_since_fired, sae.dead_tokens).reshape(-1).tolist()
         for k, d in zip(members, dead):
             state.dead_fraction[k], state.member_tokens[k] = d, state.tokens_seen
     if sae is not None:
         state.coefficients = _coefficients(sae, members, state.coefficients, n)
+        sae.eval()
+        if not done:  # the batches ended before the budget
+            state.data_ran_out_at = state.tokens_seen
+            warnings.warn(
+                f"train_sae: the data ran out at {state.tokens_seen:,} of train.total_tokens="
+                f"{train.total_tokens:,} tokens (step {state.step:,} of {total_steps:,}); the lr and "
+                "sparsity schedules were laid out for the whole budget, so the lr never finished its "
+                "decay. Give more data (for a tensor: more epochs) or a smaller total_tokens.",
+                RuntimeWarning, stacklevel=2)
     state.seconds = prior_seconds + time.perf_counter() - start
     state.sae, state.members = sae, members
     state.verdicts, state.reasons = monitor.verdicts, monitor.reasons
@@ -253,7 +302,7 @@ def _checkpoint(sae: SAE, opt: Adam, state: TrainState, monitor: Monitor, contro
                 reservoir: RowReservoir | None, members: list[int], total_steps: int) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """The loop's whole state: (plain JSON, tensors) for `sae_ray.train.checkpoint`."""
     meta = {"step": state.step, "tokens_seen": state.tokens_seen, "total_steps": total_steps,
-            "input_scale": state.input_scale, "members": list(members), "member_tokens": list(state.member_tokens),
+            "input_scale": state.input_scale, "output_scale": state.output_scale, "members": list(members), "member_tokens": list(state.member_tokens),
             "dead_fraction": list(state.dead_fraction), "coefficients": list(state.coefficients),
             "seconds": state.seconds, "opt_steps": list(opt.steps),
             "monitor": monitor.state_dict(), "control": control.state_dict()}
@@ -307,17 +356,87 @@ def _coefficients(sae: SAE, members: list[int], known: list[float | None], n: in
     return out
 
 
+def tensor_batches(x: Tensor, batch_size: int, seed: int = 0, epochs: int | None = None) -> Iterator[Tensor]:
+    """x [N, d_in] -> batches [batch_size, d_in] of its rows: each epoch a fresh permutation
+    (a torch.Generator seeded with `seed`), the epochs one stream cut into batches, so a batch
+    may hold the end of one epoch and the start of the next. Endless with epochs None; else the
+    stream ends after `epochs` passes (its last batch may be smaller)."""
+    gen = torch.Generator().manual_seed(seed)
+    carry = torch.empty(0, dtype=torch.long)
+    epoch = 0
+    while epochs is None or epoch < epochs:
+        order = torch.cat([carry, torch.randperm(len(x), generator=gen)])
+        epoch += 1
+        last = epochs is not None and epoch == epochs
+        whole = len(order) if last else len(order) - len(order) % batch_size
+        for start in range(0, whole, batch_size):
+            yield x[order[start:start + batch_size].to(x.device)]
+        carry = order[whole:]
+
+
+def _batch_source(batches: Iterator[Tensor] | Tensor, train: TrainConfig, epochs: int | None,
+                  d_in: int) -> Iterator[Tensor]:
+    """`batches` as an iterator: a tensor [N, d_in] through `tensor_batches`, anything else as is."""
+    if not isinstance(batches, Tensor):
+        if epochs is not None:
+            raise ValueError(f"train_sae: epochs={epochs!r} is for a tensor of rows; `batches` is an iterator "
+                             "(it ends when it ends): pass the tensor itself, or epochs=None")
+        return iter(batches)
+    if batches.dim() != 2 or batches.shape[0] == 0 or batches.shape[1] != d_in:
+        raise ValueError(f"train_sae: batches is a tensor of shape {tuple(batches.shape)}; expected rows "
+                         f"[N >= 1, d_in={d_in}] (the SAE's d_in)")
+    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
+        raise ValueError(f"train_sae: epochs={epochs!r}; expected a whole number >= 1, or None (as many as "
+                         "train.total_tokens takes)")
+    return tensor_batches(batches, train.batch_size, train.seed, epochs)
+
+
 def _take(batches: Iterator[Tensor], n: int, max_rows: int) -> list[Tensor]:
     """Up to n batches, fewer if they already hold max_rows rows."""
     out, rows = [], 0
     for x in batches:
         out.append(x)
-        rows += x.shape[0]
+        rows += (x[0] if isinstance(x, (tuple, list)) else x).shape[0]
         if len(out) >= n or rows >= max_rows:
             break
     if not out:
         raise ValueError("train_sae: `batches` yielded no batch")
     return out
+
+
+def _split(batch: Tensor | tuple[Tensor, Tensor], sae: SAE) -> tuple[Tensor, Tensor | None]:
+    """One batch as (x [B, d_in], target [B, d_out] or None): a transcoder's batches are pairs
+    (x_in, x_out); an SAE's are tensors x, its own target (None). ValueError naming what is wrong."""
+    cfg = sae.cfg
+    pair = isinstance(batch, (tuple, list))
+    if not pair and cfg.is_transcoder:
+        raise ValueError(
+            f"train_sae: a transcoder (SAEConfig.d_out={cfg.d_out}) trains on pairs (x_in [B, d_in], "
+            f"x_out [B, d_out]); `batches` yielded a {type(batch).__name__}"
+            + (f" of shape {list(batch.shape)}" if isinstance(batch, Tensor) else ""))
+    if pair and not cfg.is_transcoder:
+        raise ValueError(
+            f"train_sae: `batches` yielded a {type(batch).__name__} of {len(batch)}, but this SAE "
+            "(SAEConfig.d_out None) reconstructs its input: it takes tensors x [B, d_in]; pairs "
+            "(x_in, x_out) are for a transcoder (set SAEConfig.d_out)")
+    if pair and (len(batch) != 2 or not all(isinstance(t, Tensor) for t in batch)):
+        raise ValueError(f"train_sae: a transcoder's batch is a pair of tensors (x_in, x_out); got a "
+                         f"{type(batch).__name__} of {len(batch)}: {[type(t).__name__ for t in batch]}")
+    x, y = batch if pair else (batch, None)
+    if x.dim() != 2 or x.shape[1] != cfg.d_in:
+        raise ValueError(f"train_sae: a batch's x has shape {list(x.shape)}; expected [B, d_in={cfg.d_in}]")
+    if y is not None and (y.dim() != 2 or y.shape[1] != cfg.d_out or y.shape[0] != x.shape[0]):
+        raise ValueError(f"train_sae: a batch's x_out has shape {list(y.shape)}; expected "
+                         f"[B={x.shape[0]}, d_out={cfg.d_out}], one row per row of x_in")
+    return x, y
+
+
+def _unzip(first: list, sae: SAE) -> tuple[list[Tensor], list[Tensor]]:
+    """The init batches as (inputs, outputs): the x_in and x_out of a transcoder's pairs; for an SAE
+    the same list twice (its target is its input)."""
+    pairs = [_split(b, sae) for b in first]
+    inputs = [x for x, _ in pairs]
+    return (inputs, inputs) if not sae.cfg.is_transcoder else (inputs, [y for _, y in pairs])
 
 
 def _replay(first: list[Tensor], rest: Iterator[Tensor]) -> Iterator[Tensor]:
@@ -331,7 +450,8 @@ def _replay(first: list[Tensor], rest: Iterator[Tensor]) -> Iterator[Tensor]:
 @torch.no_grad()
 def _metrics(sae: SAE, out: SAEOutput, x: Tensor, lrs: list[float], extra: dict[str, float],
              members: list[int]) -> list[dict[str, float]]:
-    """One dict per member, "member" its original index. x [B, d_in] (scaled); out.x_hat [B, d_in] or [K, B, d_in]."""
+    """One dict per member, "member" its original index. x [B, d_out]: the target, scaled (x itself
+    for an SAE); out.x_hat [B, d_out] or [K, B, d_out]."""
     named = {"loss": out.loss, "mse": out.mse, "fvu": fvu(x, out.x_hat), "l0": l0(out.feature_acts),
              "dead_fraction": dead_fraction(sae.tokens_since_fired, sae.dead_tokens)}
     named.update({f"{k}_loss": v for k, v in out.aux.items()})
