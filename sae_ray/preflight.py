@@ -30,6 +30,8 @@ class Plan:
     """The trials packed into Tune trials (at most `plan.stack_limit` SAEs per stack)."""
     fingerprint: dict[str, Any]
     """What identifies the buffer's contents; a buffer with another fingerprint is not reused."""
+    transcoder: tuple[str, str] | None = None
+    """sae.transcoder's (input, output) hook names, both in `hooks`; None for an SAE sweep."""
 
 
 def meta_model(name: str, revision: str | None, trust_remote_code: bool):
@@ -46,15 +48,79 @@ def meta_model(name: str, revision: str | None, trust_remote_code: bool):
     return model.eval(), config, path
 
 
-def _hook_widths(model, config, resolved) -> dict[str, int]:
+_PROBE_TOKENS = 4
+"""Tokens of the meta-device forward pass that measures each hook's width."""
+
+
+def _hook_shapes(model, config, resolved) -> dict[str, tuple[int, ...] | None]:
+    """hook name -> the shape of its activation on a [1, _PROBE_TOKENS] batch (meta device);
+    None for every hook when the model does not run on meta tensors."""
     from sae_ray.activations.hooks import capture_activations
 
     try:
-        ids = torch.zeros((1, 4), dtype=torch.long, device="meta")
+        ids = torch.zeros((1, _PROBE_TOKENS), dtype=torch.long, device="meta")
         acts = capture_activations(model, resolved, ids, torch.ones_like(ids))
-        return {name: int(a.shape[-1]) for name, a in acts.items()}
-    except Exception:  # some models don't run on meta tensors: fall back to the residual width
-        return {h.name: int(config.hidden_size) for h in resolved}
+        return {name: tuple(int(n) for n in a.shape) for name, a in acts.items()}
+    except Exception:  # some models don't run on meta tensors
+        return {h.name: None for h in resolved}
+
+
+def _widths(shapes: dict[str, tuple[int, ...] | None], config) -> dict[str, int]:
+    """hook name -> d (the last dim); the residual width where the shape is unknown."""
+    return {name: int(shape[-1]) if shape else int(config.hidden_size) for name, shape in shapes.items()}
+
+
+def _hook_widths(model, config, resolved) -> dict[str, int]:
+    """hook name -> d of each resolved hook (meta device; the residual width where it does not run)."""
+    return _widths(_hook_shapes(model, config, resolved), config)
+
+
+def transcoder_problems(cfg: RunConfig, model, shapes: dict[str, tuple[int, ...] | None]) -> tuple[tuple[str, str] | None, list[str]]:
+    """(input, output) hook names of sae.transcoder, and what is wrong with them: a hook point that
+    does not resolve (the message lists what does), an activation that is not one vector per token
+    of the context (both hooks must give [batch, tokens, d], row for row in the buffer), the same
+    hook point twice, or an output that comes before the input in the forward pass."""
+    from sae_ray.activations.hooks import SITE_ORDER, parse_hook_name, resolve_hook, valid_hook_points
+
+    tc = cfg.sae.transcoder
+    if tc is None:
+        return None, []
+    names, problems = [], []
+    for field, h in zip(("input", "output"), tc.points()):
+        shown = f"sae.transcoder.{field}: value {h.model_dump(exclude_none=True)!r}"
+        try:
+            r = resolve_hook(model, h.layer, h.site, h.module)
+        except ValueError as e:
+            try:
+                valid = valid_hook_points(model)
+            except ValueError:
+                valid = []
+            problems.append(f"{shown}: {e}" + (f"; hook points of this model: {valid}" if valid else ""))
+            continue
+        names.append(r.name)
+        shape = shapes.get(r.name)
+        if shape is not None and (len(shape) != 3 or shape[:2] != (1, _PROBE_TOKENS)):
+            problems.append(f"{shown}: {r.name} gives activations of shape {list(shape)} for a batch of 1 context of "
+                            f"{_PROBE_TOKENS} tokens, not [1, {_PROBE_TOKENS}, d]: a transcoder pairs one vector per token "
+                            "at its input with one at its output; accepted: a site (resid_pre, resid_post, attn_out, mlp_in, "
+                            "mlp_out) or a module with one output vector per token")
+    if problems or len(names) != 2:
+        return None, problems
+    absent = [n for n in names if n not in shapes]
+    if absent:  # a config changed after validation (model_copy) never had them added to `hooks`
+        return None, [f"hooks: value {[h.model_dump(exclude_none=True) for h in cfg.hooks]!r}: lacks {absent}, the hook "
+                      "points of sae.transcoder, which validation adds; validate the config again (validate_config) "
+                      "after changing sae.transcoder"]
+    if names[0] == names[1]:
+        return None, [f"sae.transcoder.output: value {names[1]!r}: the same hook point as input ({names[0]!r}); a "
+                      "transcoder maps one activation to another (leave sae.transcoder out for an SAE)"]
+    where = [parse_hook_name(n) for n in names]
+    if all(where) and (where[1][0], SITE_ORDER[where[1][1]]) <= (where[0][0], SITE_ORDER[where[0][1]]):
+        problems.append(f"sae.transcoder.output: value {names[1]!r}: comes before (or at) input {names[0]!r} in the "
+                        "forward pass; a transcoder reads its input and predicts what the model computes after it: "
+                        "give an output at a later site or layer (a site without output.layer takes input's layer), "
+                        f"e.g. blocks.{where[0][0]}.hook_mlp_out for input mlp_in")
+    return (names[0], names[1]), problems
 
 
 def preflight(cfg: RunConfig, check_data: bool = True, check_buffer: bool = True, address: str | None = None,
@@ -71,6 +137,7 @@ def preflight(cfg: RunConfig, check_data: bool = True, check_buffer: bool = True
     layers: dict[str, int] = {}
     fingerprint: dict[str, Any] = {}
     trials: list[Trial] = []
+    transcoder: tuple[str, str] | None = None
     try:
         model, config, path = meta_model(cfg.model.name, cfg.model.revision, cfg.model.trust_remote_code)
     except Exception as e:  # noqa: BLE001 - any failure here is a problem with model.name
@@ -83,10 +150,13 @@ def preflight(cfg: RunConfig, check_data: bool = True, check_buffer: bool = True
                 resolved.append(r)
                 layers[r.name] = h.layer if h.layer is not None else -1
             except ValueError as e:
-                problems.append(f"hooks[{i}]: value {h.model_dump(exclude_none=True)!r}: {e}")
-        if resolved:
-            hooks = _hook_widths(model, config, resolved)
-        trials = expand_trials(cfg.sae, hooks, layers)
+                if cfg.sae.transcoder is None or h not in cfg.sae.transcoder.points():  # else named below
+                    problems.append(f"hooks[{i}]: value {h.model_dump(exclude_none=True)!r}: {e}")
+        shapes = _hook_shapes(model, config, resolved) if resolved else {}
+        hooks = _widths(shapes, config)
+        transcoder, found = transcoder_problems(cfg, model, shapes)
+        problems += found
+        trials = expand_trials(cfg.sae, hooks, layers, transcoder) if not found else []
         problems += trial_problems(cfg, trials)
         if cfg.sweep.search != "grid" and trials:  # what is drawn must suit every SAE it applies to
             from sae_ray.sweep.search import plan_problems
@@ -130,7 +200,8 @@ def preflight(cfg: RunConfig, check_data: bool = True, check_buffer: bool = True
     problems += tracking_problems(cfg)
     if problems:
         raise ConfigError(problems, "preflight")
-    return Plan(hooks=hooks, hook_layers=layers, trials=trials, stacks=stacks, fingerprint=fingerprint)
+    return Plan(hooks=hooks, hook_layers=layers, trials=trials, stacks=stacks, fingerprint=fingerprint,
+                transcoder=transcoder)
 
 
 def _buffer_problems(path: str, fingerprint: dict) -> list[str]:

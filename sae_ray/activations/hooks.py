@@ -6,7 +6,14 @@ Sites of block L (the names are `blocks.{L}.hook_{site}`):
 - `resid_pre`: the input of block L (the residual stream before it);
 - `resid_post`: the output of block L;
 - `attn_out`: what attention writes into the residual stream;
+- `mlp_in`: the input of the MLP, i.e. the output of the pre-MLP layer norm (what a transcoder
+  reads); named `blocks.{L}.ln2.hook_normalized`, as TransformerLens, SAELens and Gemma Scope's
+  transcoders name it (TransformerLens' own `hook_mlp_in` is the residual *before* that norm).
+  Captured as the input of the MLP module (BERT: of `intermediate`);
 - `mlp_out`: what the MLP writes into the residual stream.
+
+`SITE_ORDER` is where each site comes in a block's forward pass (a transcoder's output must come
+after its input).
 
 Layouts: GPT-2 (`transformer.h.L.{attn,mlp}`), GPT-NeoX / Pythia
 (`gpt_neox.layers.L.{attention,mlp}`), the Llama family - Llama, Mistral,
@@ -36,7 +43,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-SITES = ("resid_pre", "resid_post", "mlp_out", "attn_out")
+SITES = ("resid_pre", "resid_post", "mlp_out", "attn_out", "mlp_in")
+SITE_ORDER = {"resid_pre": 0, "attn_out": 1, "mlp_in": 2, "mlp_out": 3, "resid_post": 4}
+"""Where each site of block L comes in its forward pass (with GPT-NeoX's parallel residual attn_out
+and mlp_in are side by side; the order between them matters to nothing here)."""
 
 # Where the list of transformer blocks lives, tried in order.
 BLOCK_PATHS = (
@@ -58,6 +68,24 @@ ATTN_NAMES = ("attn", "self_attn", "attention", "self_attention")
 MLP_NAMES = ("mlp", "feed_forward", "ffn")
 
 _HOOK_NAME = re.compile(r"^blocks\.(\d+)\.hook_(\w+)$")
+_MLP_IN_NAME = re.compile(r"^blocks\.(\d+)\.ln2\.hook_normalized$")
+
+
+def hook_name(layer: int, site: str) -> str:
+    """The SAELens / TransformerLens name of `site` in block `layer`: `blocks.3.hook_resid_post`,
+    and `blocks.3.ln2.hook_normalized` for mlp_in. The one place these names are made."""
+    return f"blocks.{layer}.ln2.hook_normalized" if site == "mlp_in" else f"blocks.{layer}.hook_{site}"
+
+
+def parse_hook_name(name: str) -> tuple[int, str] | None:
+    """(layer, site) of a name `hook_name` makes; None for anything else (e.g. a module path)."""
+    match = _MLP_IN_NAME.match(name)
+    if match:
+        return int(match.group(1)), "mlp_in"
+    match = _HOOK_NAME.match(name)
+    if match and match.group(2) in SITES:
+        return int(match.group(1)), match.group(2)
+    return None
 
 
 @dataclass(frozen=True)
@@ -95,16 +123,24 @@ def _has(block: nn.Module, path: str) -> bool:
         return False
 
 
-def _site_module(block: nn.Module, site: str) -> str | None:
-    """Path, relative to the block, of the module whose output is `site`."""
+def _site_module(block: nn.Module, site: str) -> tuple[str, str] | None:
+    """(path relative to the block, "output" | "input"): the module whose output (for mlp_in: whose
+    input) is `site` (attn_out, mlp_in or mlp_out); None when the block has none."""
     if _has(block, "intermediate") and _has(block, "output.dense") and _has(block, "attention.output.dense"):
-        return {"attn_out": "attention.output.dense", "mlp_out": "output.dense"}[site]  # BERT
-    if _has(block, "post_feedforward_layernorm") and _has(block, "post_attention_layernorm"):
-        return {"attn_out": "post_attention_layernorm", "mlp_out": "post_feedforward_layernorm"}[site]
+        return {"attn_out": ("attention.output.dense", "output"), "mlp_out": ("output.dense", "output"),
+                "mlp_in": ("intermediate", "input")}[site]  # BERT
+    sandwich = _has(block, "post_feedforward_layernorm") and _has(block, "post_attention_layernorm")
+    if sandwich and site != "mlp_in":
+        return {"attn_out": "post_attention_layernorm", "mlp_out": "post_feedforward_layernorm"}[site], "output"
     for name in ATTN_NAMES if site == "attn_out" else MLP_NAMES:
         if _has(block, name):
-            return name
+            return name, "input" if site == "mlp_in" else "output"
     return None
+
+
+def _block_sites(block: nn.Module) -> list[str]:
+    """The sites of SITES that resolve in this block."""
+    return [s for s in SITES if s.startswith("resid") or _site_module(block, s) is not None]
 
 
 def resolve_hook(
@@ -120,9 +156,9 @@ def resolve_hook(
     if module is not None:
         if layer is not None or site is not None:
             raise ValueError(f"resolve_hook: give either module= ({module!r}) or layer=/site=, not both")
-        match = _HOOK_NAME.match(module)
-        if match:
-            return resolve_hook(model, layer=int(match.group(1)), site=match.group(2))
+        parsed = parse_hook_name(module)
+        if parsed:
+            return resolve_hook(model, layer=parsed[0], site=parsed[1])
         names = [n for n, _ in model.named_modules() if n]
         if module not in names:
             close = difflib.get_close_matches(module, names, n=5, cutoff=0.5)
@@ -142,30 +178,27 @@ def resolve_hook(
             f"({blocks_path}); valid layers: 0..{n - 1}"
         )
     block_path = f"{blocks_path}.{layer}"
-    name = f"blocks.{layer}.hook_{site}"
+    name = hook_name(layer, site)
     if site == "resid_pre":
         return ResolvedHook(name=name, module_path=block_path, capture="input")
     if site == "resid_post":
         return ResolvedHook(name=name, module_path=block_path, capture="output")
-    sub = _site_module(blocks[layer], site)
-    if sub is None:
+    found = _site_module(blocks[layer], site)
+    if found is None:
         children = [c for c, _ in blocks[layer].named_children()]
         raise ValueError(
             f"cannot find the module for site {site!r} in {block_path} ({type(blocks[layer]).__name__}, "
-            f"children {children}); capture one with module=..."
+            f"children {children}); sites that resolve there: {_block_sites(blocks[layer])}; "
+            "or capture a module with module=..."
         )
-    return ResolvedHook(name=name, module_path=f"{block_path}.{sub}", capture="output")
+    sub, capture = found
+    return ResolvedHook(name=name, module_path=f"{block_path}.{sub}", capture=capture)
 
 
 def valid_hook_points(model: nn.Module) -> list[str]:
-    """Every `blocks.{L}.hook_{site}` name that resolves for this model."""
+    """Every `hook_name(L, site)` that resolves for this model."""
     _, blocks = find_blocks(model)
-    points = []
-    for layer in range(len(blocks)):
-        for site in SITES:
-            if site.startswith("resid") or _site_module(blocks[layer], site) is not None:
-                points.append(f"blocks.{layer}.hook_{site}")
-    return points
+    return [hook_name(layer, site) for layer in range(len(blocks)) for site in _block_sites(blocks[layer])]
 
 
 class _StopForward(Exception):

@@ -10,6 +10,10 @@ A background thread reads and mixes up to ``prefetch`` mixes ahead of the consum
 (``prefetch=0``: no thread). ``state_dict()`` describes what the consumer has received
 (not what the thread has read ahead), so a reader built with ``state=`` yields exactly
 the batches an uninterrupted reader would have yielded next.
+
+Pairs (a transcoder's input and output): ``hook`` a tuple of hook names. Each shard's arrays are
+read once each and set side by side in one row, so everything above (mixing, carry, resume,
+split) moves both together, and each batch is a tuple of one tensor per hook, the same rows.
 """
 
 from __future__ import annotations
@@ -79,7 +83,8 @@ class _End:
 
 
 class BufferReader:
-    """Iterator of ``[batch_size, d_in]`` float32 CPU tensors from one hook.
+    """Iterator of ``[batch_size, d_in]`` float32 CPU tensors from one hook; with ``hook`` a tuple
+    of hook names, of tuples of ``[batch_size, d_h]`` tensors, one per hook, of the same rows.
 
     Epoch ``e`` visits every shard committed during it exactly once, in an order drawn
     from ``seed`` and ``e``. When every committed shard has been read: if the buffer is
@@ -115,7 +120,7 @@ class BufferReader:
     def __init__(
         self,
         buffer: ActivationBuffer,
-        hook: str,
+        hook: str | tuple[str, ...],
         batch_size: int,
         seed: int = 0,
         shards_in_mix: int = SHARDS_IN_MIX,
@@ -128,8 +133,12 @@ class BufferReader:
         split: str | None = None,
         pin_memory: bool = False,
     ):
-        if hook not in buffer.hooks:
-            raise KeyError(f"buffer at {buffer.path!r} has no hook {hook!r}; hooks: {sorted(buffer.hooks)}")
+        names = (hook,) if isinstance(hook, str) else tuple(hook)
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"BufferReader hook {hook!r}: give a hook name, or a tuple of distinct hook names")
+        for name in names:
+            if name not in buffer.hooks:
+                raise KeyError(f"buffer at {buffer.path!r} has no hook {name!r}; hooks: {sorted(buffer.hooks)}")
         for field, v in (("batch_size", batch_size), ("shards_in_mix", shards_in_mix)):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"BufferReader {field} must be an int >= 1, got {v!r}")
@@ -150,8 +159,10 @@ class BufferReader:
         if not isinstance(prefetch, int) or prefetch < 0:
             raise ValueError(f"BufferReader prefetch must be an int >= 0 (mixes read ahead; 0 = no thread), got {prefetch!r}")
         self.buffer = buffer
-        self.hook = hook
-        self.d_in = buffer.hooks[hook]
+        self.hook = hook if isinstance(hook, str) else names
+        self.hooks = names
+        self.widths = [buffer.hooks[h] for h in names]
+        self.d_in = sum(self.widths)  # of a row as mixed: the hooks side by side
         self.batch_size = batch_size
         self.seed = seed
         self.shards_in_mix = shards_in_mix
@@ -180,7 +191,7 @@ class BufferReader:
     def state_dict(self) -> dict:
         """Where the consumer is: JSON-serialisable. Pass it as ``state=`` (or to
         ``load_state_dict``) to continue with exactly the batches that come next."""
-        state = {"version": STATE_VERSION, "hook": self.hook, "batch_size": self.batch_size, "seed": self.seed,
+        state = {"version": STATE_VERSION, "hook": self._json("hook"), "batch_size": self.batch_size, "seed": self.seed,
                  "shards_in_mix": self.shards_in_mix, "split": self.split, **self._pos, "rows_read": self.rows_read}
         return json.loads(json.dumps(state))
 
@@ -191,7 +202,7 @@ class BufferReader:
             got = state.get("version") if isinstance(state, dict) else type(state).__name__
             raise ValueError(f"{where}: state must be a dict from state_dict() with version {STATE_VERSION}, got {got!r}")
         for key in _SETTINGS:
-            if state.get(key) != getattr(self, key):
+            if state.get(key) != self._json(key):
                 raise ValueError(f"{where}: state was saved with {key}={state.get(key)!r} but this reader has "
                                  f"{key}={getattr(self, key)!r}; resume with the same {', '.join(_SETTINGS)}")
         missing = [k for k in _fresh_position() if k not in state and k not in _OPTIONAL]
@@ -204,6 +215,10 @@ class BufferReader:
         self.rows_skipped = int(state["rows_skipped"])
         self.shards_skipped = int(self._start["shards_skipped"])
         self.epoch = int(state["epoch"])
+
+    def _json(self, key: str):
+        """Setting `key` as state_dict() holds it (a tuple of hooks is a list)."""
+        return json.loads(json.dumps(getattr(self, key)))
 
     # ------------------------------------------------------------------ iteration
 
@@ -273,7 +288,7 @@ class BufferReader:
                         self._record_progress(item.passed, item.before["epoch"])
                     else:
                         self._pos = {**item.before, "batches_done": item.before["batches_done"] + j + 1}
-                    yield batch.to(torch.float32, copy=True)
+                    yield self._out(batch)
                 if n == 0:
                     self._pos = item.after
                     self._record_progress(item.passed, item.before["epoch"])
@@ -296,11 +311,22 @@ class BufferReader:
 
     # ------------------------------------------------------------------ producer side (may run in a thread)
 
+    def _out(self, batch: torch.Tensor):
+        """A mixed batch [B, d_in] (stored dtype) as yielded: float32, one tensor per hook for pairs."""
+        if isinstance(self.hook, str):
+            return batch.to(torch.float32, copy=True)
+        return tuple(part.to(torch.float32, copy=True) for part in batch.split(self.widths, dim=1))
+
+    def _rows(self, shard_id: int) -> torch.Tensor:
+        """The shard's rows [n, d_in] (stored dtype): each hook's array read once, side by side."""
+        parts = [self.buffer.read_tensor(h, shard_id) for h in self.hooks]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
     def _read_shard(self, shard_id: int, skips: "_Skips") -> tuple[torch.Tensor, np.ndarray] | None:
         """The shard's rows of this reader's split [n, d_in] (stored dtype) and their row numbers
         in the shard [n]; or None if skipped (counted in ``skips``)."""
         try:
-            rows = self.buffer.read_tensor(self.hook, shard_id)
+            rows = self._rows(shard_id)
             if self.split is None:
                 return rows, np.arange(len(rows))
             keep = split_mask(self.buffer, shard_id, self.split)
@@ -323,7 +349,7 @@ class BufferReader:
         for s in np.unique(ids[:, 0]).tolist():
             mask = ids[:, 0] == s
             try:
-                rows = self.buffer.read_tensor(self.hook, s)
+                rows = self._rows(s)
             except (CorruptShardError, ShardDroppedError) as e:
                 if isinstance(e, CorruptShardError) and self.on_corrupt == "fail":
                     raise

@@ -47,23 +47,29 @@ def split_mask(buffer: ActivationBuffer, shard_id: int, split: str) -> np.ndarra
     return mask if split == "eval" else ~mask
 
 
-def held_out_rows(buffer: ActivationBuffer, hook: str, n: int) -> torch.Tensor:
+def held_out_rows(buffer: ActivationBuffer, hook: str | tuple[str, ...], n: int) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """float32 [<= n, d_in]: the first `n` held-out rows of the live committed shards in shard id
     order (the same rows for every SAE trained on this buffer once those shards are committed).
+    `hook` a tuple of hook names (a transcoder's input and output): a tuple of one such tensor per
+    hook, the same rows in the same order, each array read once per shard.
 
     Fewer when the buffer holds fewer; ValueError when it holds none, or has no split.
     """
     eval_fraction(buffer)
-    parts, have = [], 0
+    names = (hook,) if isinstance(hook, str) else tuple(hook)
+    parts: list[list[torch.Tensor]] = [[] for _ in names]
+    have = 0
     for shard_id in buffer.commit_state().committed:
         if have >= n:
             break
         mask = split_mask(buffer, shard_id, "eval")
         if mask.any():
-            rows = buffer.read_tensor(hook, shard_id)[torch.from_numpy(mask)][: n - have]
-            parts.append(rows.float())
-            have += len(rows)
-    if not parts:
+            keep = torch.from_numpy(mask)
+            for name, out in zip(names, parts):
+                out.append(buffer.read_tensor(name, shard_id)[keep][: n - have].float())
+            have += len(parts[0][-1])
+    if not parts[0]:
         raise ValueError(f"buffer at {buffer.path!r}: no held-out rows committed yet (eval_fraction "
                          f"{eval_fraction(buffer)}); produce more rows or raise buffer.eval_fraction")
-    return torch.cat(parts)
+    rows = tuple(torch.cat(p) for p in parts)
+    return rows[0] if isinstance(hook, str) else rows

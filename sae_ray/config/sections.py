@@ -37,7 +37,7 @@ class DataConfig(Section):
 
 class HookPointConfig(Section):
     layer: int | None = Field(None, ge=0, description="Block index.")
-    site: Literal["resid_pre", "resid_post", "mlp_out", "attn_out"] | None = Field(None, description="Where in the block.")
+    site: Literal["resid_pre", "resid_post", "mlp_in", "mlp_out", "attn_out"] | None = Field(None, description="Where in the block (mlp_in: the MLP's input, the output of the pre-MLP norm; its buffer array is blocks.L.ln2.hook_normalized).")
     module: str | None = Field(None, description="A raw module path (model.named_modules()); instead of layer+site.")
 
 
@@ -64,6 +64,23 @@ class ProducerConfig(Section):
     debug_delay_s: float = Field(0.0, ge=0, description="Debugging: seconds slept per document read and between writing and committing each shard (widens the window in which a kill lands mid-shard; crash drills use it). 0: off.")
 
 
+class TranscoderConfig(Section):
+    """A transcoder: it reads the activation at `input` and reconstructs the one at `output` of the
+    same tokens (e.g. an MLP's input and output: it stands in for the MLP). Both hook points are
+    captured into the buffer with `hooks:` (added to it when missing), side by side in the same rows."""
+
+    input: HookPointConfig = Field(description="The hook point it reads, e.g. {layer: 3, site: mlp_in}.")
+    output: HookPointConfig = Field(description="The hook point it reconstructs, e.g. {layer: 3, site: mlp_out}; a site without a layer takes input's layer. Must come after input in the forward pass.")
+    skip: bool = Field(False, description="A learned skip connection W_skip [d_out, d_in] (skip transcoder, Paulo et al. 2025): the reconstruction gains x_in @ W_skip^T.")
+
+    def points(self) -> tuple[HookPointConfig, HookPointConfig]:
+        """(input, output), output's layer filled in from input's where output names a site without one."""
+        out = self.output
+        if out.module is None and out.layer is None and out.site is not None and self.input.layer is not None:
+            out = HookPointConfig(layer=self.input.layer, site=out.site)
+        return self.input, out
+
+
 class SweepConfig(Section):
     """The SAE search space: the grid is architectures x widths x (each architecture's own sparsity values)."""
 
@@ -76,6 +93,7 @@ class SweepConfig(Section):
     target_l0: list[int] | None = Field(None, description="A target-L0 ladder, the sparsity axis for every architecture that is not given its own coefficient or k list: TopK, BatchTopK and Matryoshka train with k = target; ReLU+L1, Gated and JumpReLU adapt their coefficient during training (train.l0_control) so the final L0 lands near the target.")
     max_stack: int | None = Field(None, gt=0, description="Most SAEs of one architecture and shape trained together in one trial (a stack: it reads each batch once, and on a GPU trains all its SAEs in one launch). None (the default) follows the rule of sweep.plan.stack_limit: stacks of up to AUTO_MAX_STACK (8) where trials have a GPU (resources.gpus_per_trial > 0), read a bounded window (buffer.max_gb: every trial must run at once) or are searched or scheduled (sweep.search, sweep.scheduler: trials are drawn and ranked as stacks); one SAE per trial on CPU otherwise, where a stack trains no faster than its SAEs one after another and separate trials spread over the cores (sae-ray bench train). A number: stacks of up to that many wherever trials run.")
     extra: dict[str, dict[str, Any]] = Field({}, description="Architecture knobs by architecture, kept in each SAE's cfg.extra, e.g. {jumprelu: {bandwidth: 0.05}, topk: {k_aux: 256}}; each architecture's `knobs` lists what it reads.")
+    transcoder: TranscoderConfig | None = Field(None, description="Train transcoders instead of SAEs: the grid (architectures x widths x sparsity) is trained from transcoder.input to transcoder.output, and `hooks:` only lists what else the buffer captures (it may be left out). None: SAEs on every hook of `hooks:`.")
 
 
 class MonitorConfig(Section):
@@ -204,7 +222,7 @@ class RunConfig(Section):
     workdir: str = Field("runs/default", min_length=1, description="Directory for the buffer, MLflow store and Tune results (relative to the current directory).")
     model: ModelConfig
     data: DataConfig
-    hooks: list[HookPointConfig] = Field(min_length=1, description="Hook points to capture.")
+    hooks: list[HookPointConfig] = Field(min_length=1, description="Hook points to capture (an SAE sweep trains on each). A transcoder's input and output (sae.transcoder) are added when missing, so with one this may be left out.")
     buffer: BufferConfig = BufferConfig()
     producers: ProducerConfig = ProducerConfig()
     sae: SweepConfig = SweepConfig()
@@ -213,6 +231,26 @@ class RunConfig(Section):
     resources: ResourcesConfig = ResourcesConfig()
     sweep: SearchConfig = SearchConfig()
     eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _capture_transcoder_hooks(cls, data: Any) -> Any:
+        """`hooks` gains sae.transcoder's input and output where it lacks them: the buffer captures
+        them, and everything that reads `hooks` (producers, fingerprint, evaluation) sees them."""
+        if not isinstance(data, dict):
+            return data
+        sae = data.get("sae")
+        raw = sae.transcoder if isinstance(sae, SweepConfig) else sae.get("transcoder") if isinstance(sae, dict) else None
+        if raw is None:
+            return data
+        try:
+            points = TranscoderConfig.model_validate(raw).points()
+            hooks = [HookPointConfig.model_validate(h) for h in data.get("hooks") or []]
+        except Exception:  # noqa: BLE001 - the sections' own validation reports it
+            return data
+        missing = [p for p in points if p not in hooks]
+        missing = [p for i, p in enumerate(missing) if p not in missing[:i]]
+        return {**data, "hooks": [*hooks, *missing]} if missing else data
 
     # -- resolved paths ---------------------------------------------------------------
     def workdir_path(self) -> Path:
@@ -310,6 +348,19 @@ def rule_problems(sections: dict[str, BaseModel]) -> list[str]:
                 for key in knobs:
                     if key not in accepted:
                         problems.append(f"sae.extra.{arch}: key {key!r}: unknown for {arch}; accepted: {sorted(accepted)}")
+    if sweep is not None and sweep.transcoder is not None:
+        tc = sweep.transcoder
+        for field, hook in zip(("input", "output"), tc.points()):
+            shown = hook.model_dump(exclude_none=True)
+            if hook.module is None and (hook.layer is None or hook.site is None):
+                need = "a layer (input names a module, so there is no layer to take)" if field == "output" else "layer and site"
+                problems.append(f"sae.transcoder.{field}: value {shown!r}: give {need}, or module")
+            if hook.module is not None and (hook.layer is not None or hook.site is not None):
+                problems.append(f"sae.transcoder.{field}: value {shown!r}: give module alone, not with layer/site")
+        if tc.points()[0] == tc.points()[1]:
+            problems.append(f"sae.transcoder.output: value {tc.points()[1].model_dump(exclude_none=True)!r}: the same hook "
+                            "point as input; a transcoder maps one activation to another (for one that reconstructs its "
+                            "input, leave sae.transcoder out: that is an SAE)")
     for i, hook in enumerate(sections.get("hooks") or []):
         if hook.module is None and (hook.layer is None or hook.site is None):
             problems.append(f"hooks[{i}]: value {hook.model_dump(exclude_none=True)!r}: give layer and site, or module")
@@ -501,7 +552,7 @@ def search_warnings(cfg: RunConfig) -> list[str]:
                             f"{s.metric}, which falls as L0 grows: the draw with the largest {key} wins")
     if s.scheduler == "asha":
         widths = sweep.expansion_factor or sweep.d_sae or []
-        groups = len(cfg.hooks) * len(sweep.architectures) * len(widths)
+        groups = (1 if sweep.transcoder else len(cfg.hooks)) * len(sweep.architectures) * len(widths)  # a transcoder: one pair
         if groups > 1:
             warnings.append(f"sweep.scheduler: value 'asha': the grid has {groups} stacks of different hook, "
                             "architecture or width, and ASHA ranks them all together: it stops the ones whose "

@@ -12,6 +12,14 @@ hook, on held-out documents. No Ray.
      by x̂ there, and the reconstruction and sparsity sums;
   4. the sums turned into the figures below (`_finish`).
 
+Transcoders (`input_hook` given; `hook` is then their output hook, e.g. the MLP's output): the
+clean pass also records x_in at `input_hook` (e.g. the MLP's input; it comes before `hook`, so
+it is the same in every pass), and x̂ = decode(encode(x_in), x_in) replaces the activation at
+`hook`: the transcoder stands in for the MLP. The ablations zero / mean-ablate `hook` (the MLP's
+output), so ce_loss_score is the CE loss recovered against the MLP zero-ablated (and
+ce_loss_score_mean_ablation against its output mean-ablated); the reconstruction figures compare
+x̂ with the clean activation at `hook`.
+
 Spliced positions are the real, non-special tokens (`keep`: what the buffer stores); BOS,
 CLS, SEP and padding keep their clean activation. Scored positions (causal LMs): position t
 predicts token t+1, scored where token t+1 is kept.
@@ -195,16 +203,22 @@ class _SAESums(_Sums):
 @torch.no_grad()
 def evaluate_lm(model: nn.Module, hook: ResolvedHook, contexts: EvalContexts, saes: list[SAE], mean: Tensor,
                 batch_size: int = 8, log: Callable[[str], None] | None = None,
-                mask_token_id: int | None = None) -> tuple[dict[str, float], list[dict]]:
+                mask_token_id: int | None = None,
+                input_hook: ResolvedHook | None = None) -> tuple[dict[str, float], list[dict]]:
     """The figures of the module docstring for each SAE of `saes` (each taking the activation at
-    `hook`) on `contexts`. mean [d]: the activation mean-ablation puts in. mask_token_id: the
-    tokenizer's [MASK] (masked LMs only, which it must be given for).
+    `hook`) on `contexts`. mean [d]: the activation mean-ablation puts in (at `hook`). mask_token_id:
+    the tokenizer's [MASK] (masked LMs only, which it must be given for). input_hook: for
+    transcoders (every one of `saes`), the hook they read; they replace the activation at `hook`.
 
     Returns (reference, per_sae): reference holds what does not depend on an SAE (clean and
     ablated CE and KL, tokens, seconds of the shared passes); per_sae one dict per SAE with its
     figures, `frequencies` (a [d_sae] float tensor) and `seconds` (its own passes).
     """
     kind = model_kind(model)
+    if any(s.cfg.is_transcoder != (input_hook is not None) for s in saes):
+        raise ValueError("evaluate_lm: give input_hook exactly when every SAE is a transcoder "
+                         f"(input_hook {None if input_hook is None else input_hook.name!r}; "
+                         f"transcoders: {[s.cfg.is_transcoder for s in saes]})")
     if kind == "masked" and mask_token_id is None:
         raise ValueError("evaluate_lm: a masked LM needs mask_token_id (the tokenizer's [MASK] id)")
     device = next(model.parameters()).device
@@ -236,8 +250,8 @@ def evaluate_lm(model: nn.Module, hook: ResolvedHook, contexts: EvalContexts, sa
             keep = keep & ~target  # the SAE replaces real tokens only, never [MASK]
         recorded: dict[str, Tensor] = {}
 
-        def record(x: Tensor) -> Tensor:
-            recorded["x"] = x
+        def record(x: Tensor, key: str = "x") -> Tensor:
+            recorded[key] = x
             return x
 
         def run(fn: Callable[[Tensor], Tensor]) -> Tensor:
@@ -257,8 +271,13 @@ def evaluate_lm(model: nn.Module, hook: ResolvedHook, contexts: EvalContexts, sa
             x[keep] = value.to(x.dtype)
             return x
 
-        clean = run(record)
-        x = recorded["x"][keep].float()  # [n, d] the SAE's input
+        if input_hook is None:
+            clean = run(record)
+        else:  # a transcoder's input, recorded in the clean pass (it comes before the hook)
+            with splice(model, input_hook, lambda a: record(a, "x_in")):
+                clean = run(record)
+        x = recorded["x"][keep].float()  # [n, d] the SAE's input and target (a transcoder's target)
+        x_in = x if input_hook is None else recorded["x_in"][keep].float()
         if kind != "encoder":
             clean_ce_total += -clean.gather(-1, labels.unsqueeze(-1)).sum().item()
             scored += len(labels)
@@ -281,8 +300,9 @@ def evaluate_lm(model: nn.Module, hook: ResolvedHook, contexts: EvalContexts, sa
         for i, sae in enumerate(saes):
             t1 = time.perf_counter()
             p = next(sae.parameters())
-            f = sae.encode(x.to(p.device, p.dtype))
-            x_hat = sae.decode(f).float().to(x.device)
+            xi = x_in.to(p.device, p.dtype)
+            f = sae.encode(xi)
+            x_hat = sae.decode(f, xi).float().to(x.device)
             score(run(lambda a, v=x_hat: replace_kept(a, v)), sums[i])
             acc = sums[i]
             err = x - x_hat

@@ -36,7 +36,9 @@ EVAL_TYPE_ID = "core"
 
 def hook_entry(cfg: RunConfig, hook_name: str):
     """The `hooks:` entry of the config that resolves to hook_name (ConfigError naming both)."""
-    names = {h.module or f"blocks.{h.layer}.hook_{h.site}": h for h in cfg.hooks}
+    from sae_ray.activations.hooks import hook_name as name_of
+
+    names = {h.module or name_of(h.layer, h.site): h for h in cfg.hooks}
     if hook_name not in names:
         raise ConfigError([f"hooks: {hook_name!r} is not among the config's hooks {sorted(names)}; "
                            "evaluate with a config that captures it, or give --hook"])
@@ -56,10 +58,21 @@ def evaluate_hook(cfg: RunConfig, hook_name: str, saes: list[SAE], device: str =
     for i, sae in enumerate(saes):
         if sae.n_stack is not None:
             raise ValueError(f"evaluate_hook: SAE {i} is a stack; evaluate its members (sae.unstack())")
+    outs = {s.cfg.hook_name_out if s.cfg.is_transcoder else None for s in saes}
+    if len(outs) > 1:
+        raise ValueError(f"evaluate_hook: the SAEs reconstruct different hooks {sorted(map(str, outs))}; evaluate "
+                         "SAEs and transcoders of each output hook apart")
+    out_name = outs.pop() if outs else None
+    if out_name == "":
+        raise ConfigError([f"a transcoder read at {hook_name!r} names no output hook (cfg.json hook_name_out); "
+                           "it cannot be spliced in"])
     start = time.perf_counter()
     h = hook_entry(cfg, hook_name)
+    h_out = None if out_name is None else hook_entry(cfg, out_name)
     model, tokenizer = load_model(cfg.model.name, cfg.model.revision, cfg.model.dtype, device, cfg.model.trust_remote_code)
-    hook = resolve_hook(model, h.layer, h.site, h.module)
+    input_hook = resolve_hook(model, h.layer, h.site, h.module)
+    # a transcoder replaces the activation at its output hook, computed from its input hook
+    hook = input_hook if h_out is None else resolve_hook(model, h_out.layer, h_out.site, h_out.module)
     if cfg.eval.absorption and model_kind(model) != "causal":  # before any pass over the data
         raise ConfigError([f"eval.absorption: {cfg.model.name} has no next-token head; the first-letter "
                            "absorption metric is for causal LMs (set eval.absorption: false)"])
@@ -70,15 +83,19 @@ def evaluate_hook(cfg: RunConfig, hook_name: str, saes: list[SAE], device: str =
     contexts = held_out_contexts(tokenizer, docs, cfg.buffer.eval_fraction, d.context_size, cfg.eval.tokens)
     mean = activation_mean(model, hook, contexts, cfg.eval.batch_size)
     for i, sae in enumerate(saes):
-        if sae.cfg.d_in != mean.shape[0]:
-            raise ConfigError([f"SAE {i} ({sae.cfg.architecture}, d_sae {sae.cfg.d_sae}): d_in {sae.cfg.d_in}, but "
+        if sae.cfg.d_target != mean.shape[0]:
+            what = "d_out" if sae.cfg.is_transcoder else "d_in"
+            raise ConfigError([f"SAE {i} ({sae.cfg.architecture}, d_sae {sae.cfg.d_sae}): {what} {sae.cfg.d_target}, but "
                                f"{hook.name} of {cfg.model.name} is {mean.shape[0]} wide; evaluate it at a hook of that width"])
     setup = time.perf_counter() - start
     ref, rows = evaluate_lm(model, hook, contexts, [s.to(device) for s in saes], mean, cfg.eval.batch_size, log=log,
-                            mask_token_id=tokenizer.mask_token_id)
+                            mask_token_id=tokenizer.mask_token_id, input_hook=None if h_out is None else input_hook)
     ref.update(model_kind=model_kind(model), eval_tokens=contexts.n_tokens, eval_contexts=len(contexts.input_ids),
-               setup_seconds=setup, hook=hook.name, model=cfg.model.name)
-    if cfg.eval.absorption:
+               setup_seconds=setup, hook=input_hook.name, model=cfg.model.name,
+               **({} if h_out is None else {"hook_out": hook.name}))
+    if cfg.eval.absorption and h_out is not None and log is not None:
+        log("eval.absorption: skipped for transcoders (the first-letter probe reads one activation)")
+    elif cfg.eval.absorption:
         for row, figures in zip(rows, absorption(cfg, model, tokenizer, hook_name, saes)):
             row.update(figures)
     return ref, rows

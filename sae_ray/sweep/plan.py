@@ -8,6 +8,11 @@
     Trial.sae_config(cfg) ─────────────▶ SAEConfig  the one builder of an SAE's config
     summary_row(trial, final) ─────────▶ dict       one line of the sweep's summary
 
+A transcoder sweep (`sae.transcoder`) is the same grid on one pair of hook points: each Trial reads
+`hook` and reconstructs `hook_out` (d_out wide); its name says so
+('topk-transcoder-d64-k4@blocks.1.ln2.hook_normalized->blocks.1.hook_mlp_out'), stacks group by
+both hooks, and it is registered under its input hook with the output hook in its tags.
+
 `preflight` builds the plan once (it knows each hook's d_in); the driver hands every
 `Stack` to Ray Tune as `Stack.to_dict()`, and the trial rebuilds it with
 `Stack.from_dict`. Nothing downstream re-derives what the plan knows.
@@ -55,11 +60,35 @@ class Trial:
     target_l0: int | None = None
     """The L0 this SAE aims at (`sae.target_l0`; k = target for the k architectures), None for a
     trial whose sparsity knob is set directly."""
+    hook_out: str | None = None
+    """A transcoder's output hook point (what it reconstructs); None for an SAE."""
+    hook_layer_out: int = -1
+    """Block index of hook_out (-1 for a raw module path or an SAE)."""
+    d_out: int | None = None
+    """Width of the activations at hook_out; None for an SAE."""
+    skip: bool = False
+    """A transcoder with a skip connection (`sae.transcoder.skip`)."""
+
+    @property
+    def kind(self) -> str:
+        """"sae", "transcoder" or "skip_transcoder"."""
+        return "sae" if self.hook_out is None else "skip_transcoder" if self.skip else "transcoder"
+
+    @property
+    def where(self) -> str:
+        """The hook, or 'input->output' for a transcoder."""
+        return self.hook if self.hook_out is None else f"{self.hook}->{self.hook_out}"
 
     @property
     def name(self) -> str:
-        """e.g. 'topk-d3072-k32@blocks.3.hook_resid_post'."""
-        return f"{self.architecture}-d{self.d_sae}-{self.sparsity_label}@{self.hook}"
+        """e.g. 'topk-d3072-k32@blocks.3.hook_resid_post', or for a transcoder
+        'topk-transcoder-d3072-k32@blocks.3.ln2.hook_normalized->blocks.3.hook_mlp_out'."""
+        return f"{self.prefix}-d{self.d_sae}-{self.sparsity_label}@{self.where}"
+
+    @property
+    def prefix(self) -> str:
+        """The architecture, with the kind for a transcoder: 'topk', 'topk-transcoder', 'topk-skip_transcoder'."""
+        return self.architecture if self.hook_out is None else f"{self.architecture}-{self.kind}"
 
     @property
     def sparsity_label(self) -> str:
@@ -95,6 +124,7 @@ class Trial:
         return SAEConfig(
             architecture=self.architecture, d_in=self.d_in, d_sae=self.d_sae, **self.sparsity_values(),
             model_name=cfg.model.name, hook_name=self.hook, hook_layer=self.hook_layer,
+            d_out=self.d_out, skip=self.skip, hook_name_out=self.hook_out or "", hook_layer_out=self.hook_layer_out,
             context_size=cfg.data.context_size, dataset_path=cfg.data.path,
             extra=dict(cfg.sae.extra.get(self.architecture, {})),
         )
@@ -102,8 +132,10 @@ class Trial:
     def tags(self) -> dict[str, Any]:
         """What identifies this SAE among the others: for registry version tags and summaries."""
         target = {} if self.target_l0 is None else {"target_l0": self.target_l0}
+        transcoder = {} if self.hook_out is None else {"kind": self.kind, "hook_out": self.hook_out, "d_out": self.d_out}
         return {"architecture": self.architecture, "d_sae": self.d_sae, "d_in": self.d_in,
-                "expansion_factor": self.expansion_factor, "hook": self.hook, **target, **self.sparsity_values()}
+                "expansion_factor": self.expansion_factor, "hook": self.hook, **transcoder, **target,
+                **self.sparsity_values()}
 
 
 @dataclass(frozen=True)
@@ -118,11 +150,22 @@ class Stack:
         first = self.trials[0]
         if len(self.trials) == 1:
             return first.name
-        return f"{first.architecture}-d{first.d_sae}-{','.join(t.sparsity_label for t in self.trials)}@{first.hook}"
+        return f"{first.prefix}-d{first.d_sae}-{','.join(t.sparsity_label for t in self.trials)}@{first.where}"
 
     @property
     def hook(self) -> str:
+        """The hook point it reads (a transcoder's input)."""
         return self.trials[0].hook
+
+    @property
+    def hook_out(self) -> str | None:
+        """A transcoder stack's output hook point; None for SAEs."""
+        return self.trials[0].hook_out
+
+    @property
+    def reader_hooks(self) -> str | tuple[str, str]:
+        """What its BufferReader reads: the hook, or (input, output) for transcoders (pairs of rows)."""
+        return self.hook if self.hook_out is None else (self.hook, self.hook_out)
 
     def sae_configs(self, cfg: RunConfig) -> list[SAEConfig]:
         return [t.sae_config(cfg) for t in self.trials]
@@ -148,16 +191,24 @@ class Stack:
         return f"trial-{safe}-{hashlib.sha1(self.name.encode()).hexdigest()[:10]}"
 
 
-def expand_trials(sweep: SweepConfig, hooks: dict[str, int], hook_layers: dict[str, int] | None = None) -> list[Trial]:
+def expand_trials(sweep: SweepConfig, hooks: dict[str, int], hook_layers: dict[str, int] | None = None,
+                  transcoder: tuple[str, str] | None = None) -> list[Trial]:
     """The grid: for each hook, architecture, width and that architecture's sparsity values, one Trial.
 
     hooks: {hook name: d_in}; hook_layers: {hook name: block index} (default -1).
+    transcoder: (input hook, output hook), both in `hooks`: the grid is trained once, as transcoders
+    from the input to the output (`sae.transcoder`), and not on every hook.
     Widths come from `sae.expansion_factor` (d_sae = factor x d_in) or `sae.d_sae`. An
     architecture whose own knob list (k, l1_coefficient or l0_coefficient) is not given takes
     `sae.target_l0` as its axis: k = target, or its `target_start` coefficient and the target.
     """
     trials = []
-    for hook, d_in in hooks.items():
+    layers = hook_layers or {}
+    pairs = [(h, None) for h in hooks] if transcoder is None else [transcoder]
+    for hook, hook_out in pairs:
+        d_in = hooks[hook]
+        out = {} if hook_out is None else {"hook_out": hook_out, "hook_layer_out": layers.get(hook_out, -1),
+                                           "d_out": hooks[hook_out], "skip": bool(sweep.transcoder and sweep.transcoder.skip)}
         widths = ([(ef * d_in, ef) for ef in sweep.expansion_factor] if sweep.expansion_factor
                   else [(d, d / d_in) for d in sweep.d_sae or []])
         for arch in sweep.architectures:
@@ -168,8 +219,8 @@ def expand_trials(sweep: SweepConfig, hooks: dict[str, int], hook_layers: dict[s
                 [(t if param == "k" else cls.target_start, t) for t in sweep.target_l0]
             for d_sae, ef in widths:
                 for value, target in axis:
-                    trials.append(Trial(arch, int(d_sae), ef, param, value, hook,
-                                        (hook_layers or {}).get(hook, -1), d_in, target))
+                    trials.append(Trial(arch, int(d_sae), ef, param, value, hook, layers.get(hook, -1), d_in, target,
+                                        **out))
     return trials
 
 
@@ -194,10 +245,11 @@ def stack_limit(cfg: RunConfig) -> int:
 
 
 def pack_stacks(trials: list[Trial], max_stack: int) -> list[Stack]:
-    """Group trials that share architecture, width and hook into stacks of at most `max_stack`, in grid order."""
+    """Group trials that share architecture, width and hook (a transcoder's: both hooks and skip) into
+    stacks of at most `max_stack`, in grid order."""
     groups: dict[tuple, list[Trial]] = {}
     for t in trials:
-        groups.setdefault((t.architecture, t.d_sae, t.hook), []).append(t)
+        groups.setdefault((t.architecture, t.d_sae, t.hook, t.hook_out, t.skip), []).append(t)
     return [Stack(tuple(g[i: i + max_stack])) for g in groups.values() for i in range(0, len(g), max_stack)]
 
 
@@ -230,7 +282,7 @@ def summary_row(trial: Trial, final: dict[str, Any]) -> dict[str, Any]:
              for p in SPARSITY_PARAMS}
     return {
         "sae": trial.name, "architecture": trial.architecture, "d_sae": trial.d_sae,
-        "target_l0": trial.target_l0, **knobs, "hook": trial.hook,
+        "target_l0": trial.target_l0, **knobs, "hook": trial.hook, "hook_out": trial.hook_out,
         "l0": final["l0"], "fvu": final["fvu"], "dead_fraction": final["dead_fraction"],
         "tokens_seen": final["tokens_seen"], "train_tokens_per_s": final["train_tokens_per_s"],
         "verdict": final["verdict"], "reasons": final["reasons"],

@@ -10,6 +10,10 @@ A trial Tune restarts (its worker died: `resources.max_failures`; or the sweep i
 after its driver died) goes on from the last one, in the same MLflow runs, and ends with
 exactly `train.total_tokens` tokens. Without a checkpoint it starts over, in the runs it had
 opened (found by the Tune trial id). Registration is idempotent (`tracking.register_sae`).
+
+Transcoders (`sae.transcoder`): the reader yields (input, output) pairs of the same rows, the final
+figures are measured on held-out rows against the output (`evaluate_sae(member, x, target=y)`), and
+each is registered under its input hook, its output hook in the tags (`Trial.tags`).
 """
 
 from __future__ import annotations
@@ -92,7 +96,7 @@ def train_trial(config: dict[str, Any]) -> None:
     ended: set[str] = set()
     try:
         # training never sees the held-out documents; the final figures are measured on them
-        reader = BufferReader(buffer, hook, cfg.train.batch_size, seed=cfg.train.seed, on_corrupt=cfg.buffer.on_corrupt,
+        reader = BufferReader(buffer, stack.reader_hooks, cfg.train.batch_size, seed=cfg.train.seed, on_corrupt=cfg.buffer.on_corrupt,
                               reader_id=reader_id, split="train", state=reader_state,
                               pin_memory=device.type == "cuda")
         try:
@@ -102,7 +106,9 @@ def train_trial(config: dict[str, Any]) -> None:
             reader.close()
         trained = [] if state.sae is None else (state.sae.unstack() if state.sae.n_stack else [state.sae])
         member_of = dict(zip(state.members, trained))  # original index -> its trained SAE (survivors only)
-        x = held_out_rows(buffer, hook, cfg.train.eval_rows).to(device)
+        rows = held_out_rows(buffer, stack.reader_hooks, cfg.train.eval_rows)
+        x, y = (rows, None) if stack.hook_out is None else rows  # y: a transcoder's target, its output hook's rows
+        x, y = x.to(device), None if y is None else y.to(device)
         finals = []
         for i, (t, run_id) in enumerate(zip(stack.trials, run_ids)):
             quality = {"verdict": state.verdicts[i], "reasons": "; ".join(state.reasons[i])}
@@ -110,7 +116,7 @@ def train_trial(config: dict[str, Any]) -> None:
             aim = {"target_l0": t.target_l0, "coefficient": state.coefficients[i]}
             # train_dead_fraction: silent for train.dead_tokens training tokens at the end (what the monitor watched)
             common = dict(tokens_seen=state.member_tokens[i], train_dead_fraction=state.dead_fraction[i], steps=state.step,
-                          train_seconds=state.seconds, input_scale=state.input_scale,
+                          train_seconds=state.seconds, input_scale=state.input_scale, output_scale=state.output_scale,
                           train_tokens_per_s=state.member_tokens[i] / max(state.seconds, 1e-9),
                           skipped_shards=reader.shards_skipped, skipped_rows=reader.rows_skipped)  # on_corrupt: skip
             client.set_tag(run_id, "sae_ray.verdict", quality["verdict"])
@@ -125,7 +131,7 @@ def train_trial(config: dict[str, Any]) -> None:
                                "mlflow_run_id": run_id, "registered_version": "", "node_id": node_id})
                 continue
             member = member_of[i]
-            final = evaluate_sae(member, x)
+            final = evaluate_sae(member, x, target=y)
             final.update(common)  # dead_fraction: never fired on the held-out rows
             tracking.log_metrics(client, run_id, {f"final/{k}": v for k, v in final.items()}, state.step)
             member.cfg.extra.update(eval_split="held-out", eval_rows=len(x), fvu=final["fvu"], l0=final["l0"],
@@ -171,6 +177,7 @@ def _open_run(cfg: RunConfig, client, config: dict[str, Any], stack: Stack, i: i
         return found
     run_id = tracking.start_run(cfg.tracking_uri(), config["experiment_id"], t.name, config["parent_run_id"], tags={
         **key, "sae_ray.hook": t.hook, "sae_ray.architecture": t.architecture, "sae_ray.stack": stack.name,
+        **({} if t.hook_out is None else {"sae_ray.hook_out": t.hook_out, "sae_ray.sae_kind": t.kind}),
         # whether this trial streamed (started before production finished) is worth seeing later
         "sae_ray.buffer_rows_at_start": str(buffer.n_rows()),
         "sae_ray.buffer_complete_at_start": str(buffer.is_complete()),
