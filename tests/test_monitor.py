@@ -117,10 +117,21 @@ def test_fvu_that_stays_at_least_one_for_a_warmup_stops():
     assert mon.check(m(1000, member=0, fvu=1.02)) == "ok"  # the span starts
     assert mon.check(m(1500, member=0, fvu=1.1)) == "ok"
     assert mon.check(m(2000, member=0, fvu=1.02)) == "stopped"
-    assert mon.reasons[0] == ["fvu: 1.02 >= 1 after warmup at 2,000 tokens"]
+    assert mon.reasons[0] == ["fvu: 1.02 >= 1 after warmup at 2,000 tokens (not falling)"]
     for t, fvu in ((1000, 1.5), (1500, 0.9), (2000, 1.5), (2500, 1.5)):  # a dip below 1 starts the span again
         assert mon.check(m(t, member=1, fvu=fvu)) == "ok"
     assert mon.check(m(3000, member=1, fvu=1.5)) == "stopped"
+
+
+def test_fvu_above_one_but_falling_trains_on():
+    """A transcoder starts well above FVU 1 and comes down: above 1 for a warmup's worth, falling, it is not stopped."""
+    mon = monitor(2)
+    for t, fvu in ((1000, 1.42), (1500, 1.2), (2000, 1.02), (2500, 1.01)):
+        assert mon.check(m(t, member=0, fvu=fvu)) == "ok"
+    assert mon.check(m(3000, member=0, fvu=0.8)) == "ok"
+    for t, fvu in ((1000, 1.3), (1500, 1.1), (2000, 1.35)):  # back up to where it started: stopped
+        mon.check(m(t, member=1, fvu=fvu))
+    assert mon.verdicts[1] == "stopped"
 
 
 def test_fvu_at_least_one_at_the_end_is_flagged():

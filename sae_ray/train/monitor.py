@@ -12,13 +12,16 @@ train.sparsity_warmup_fraction):
          at its start (not falling)                                           stop
          L0 > warn_l0_fraction * d_sae, or > max_l0_fraction at the end       warn
   fvu    after the warmup: FVU >= 1 (no better than the batch mean) at every
-         log step for a warmup's worth of tokens                              stop
+         log step for a warmup's worth of tokens, and no lower at its end
+         than at its start (not falling)                                      stop
          FVU >= 1 at the last log step                                        warn
   dead   after the warmup: dead_fraction > max_dead_fraction                 warn
 
 Why "not falling": an L1-penalised SAE passes through a dense phase; a good one (tests:
 L0 0.7 -> 0.08 of d_sae over a run) is above 0.2 * d_sae for half of it, while one whose penalty
-is far too weak gets denser. Stops need evidence over time, so a run whose only log step is its
+is far too weak gets denser. The same for FVU: a transcoder starts well above 1 (its output is a
+different activation from its input, so no tied start helps) and may still be above 1, falling
+(SmolLM2 layer 15: 1.42 -> 1.02 over 20k tokens), when a warmup's worth has passed. Stops need evidence over time, so a run whose only log step is its
 last (short tests) is never stopped for density or FVU, only flagged.
 
 A stop is final. A "dense" or "dead" warning holds while its condition does: a later log step
@@ -60,7 +63,7 @@ class Monitor:
         self.reasons: list[list[str]] = [[] for _ in range(n_members)]
         """Per original member: why it was flagged or stopped, in the order the checks fired."""
         self._dense_since: list[tuple[int, float] | None] = [None] * n_members  # (tokens, L0 / d_sae) when it became dense
-        self._fvu_since: list[int | None] = [None] * n_members  # tokens since when FVU has been >= 1
+        self._fvu_since: list[tuple[int, float] | None] = [None] * n_members  # (tokens, FVU) when FVU became >= 1
 
     def check(self, metrics: dict[str, float], bad_weights: Sequence[str] = (), last: bool = False) -> str:
         """Judge one member at a log step; returns its verdict.
@@ -95,9 +98,9 @@ class Monitor:
         elif full:
             self._clear(k, "dense")
         if metrics["fvu"] >= 1.0:
-            since = self._fvu_since[k] = tokens if self._fvu_since[k] is None else self._fvu_since[k]
-            if tokens - since >= self.warmup_tokens:
-                return self._stop(k, f"fvu: {metrics['fvu']:.2f} >= 1 after warmup {at}")
+            since = self._fvu_since[k] = self._fvu_since[k] or (tokens, metrics["fvu"])
+            if tokens - since[0] >= self.warmup_tokens and metrics["fvu"] >= since[1]:
+                return self._stop(k, f"fvu: {metrics['fvu']:.2f} >= 1 after warmup {at} (not falling)")
             if last:
                 self._warn(k, "", f"fvu: {metrics['fvu']:.2f} >= 1 {at}, the end")
         else:
@@ -111,13 +114,14 @@ class Monitor:
     def state_dict(self) -> dict:
         """Plain JSON: what a checkpoint keeps."""
         return {"verdicts": list(self.verdicts), "reasons": [list(r) for r in self.reasons],
-                "dense_since": [list(d) if d else None for d in self._dense_since], "fvu_since": list(self._fvu_since)}
+                "dense_since": [list(d) if d else None for d in self._dense_since],
+                "fvu_since": [list(d) if d else None for d in self._fvu_since]}
 
     def load_state_dict(self, state: dict) -> None:
         self.verdicts = list(state["verdicts"])
         self.reasons = [list(r) for r in state["reasons"]]
         self._dense_since = [(int(d[0]), float(d[1])) if d else None for d in state["dense_since"]]
-        self._fvu_since = list(state["fvu_since"])
+        self._fvu_since = [(int(d[0]), float(d[1])) if d else None for d in state["fvu_since"]]
 
     def _stop(self, k: int, reason: str) -> str:
         self.verdicts[k] = STOPPED
