@@ -338,3 +338,22 @@ def test_load_documents_errors(tmp_path):
     bad.write_text("<a/>")
     with pytest.raises(ValueError, match=r"'\.xml'"):
         load_documents(str(bad))
+
+
+def test_the_builtin_corpus_does_not_depend_on_what_the_caller_imported(tmp_path, monkeypatch):
+    """Ray replaces `inspect.isgenerator`; collected in-process, its docstring goes missing and the
+    whole corpus reshuffles. The file is written by a fresh interpreter, so it stays the same."""
+    import inspect
+
+    from sae_ray.activations.corpus import python_docs, resolve_dataset_path
+
+    clean = open(resolve_dataset_path("builtin:python-docs", tmp_path / "a")).read()
+
+    def isgenerator(obj):  # as a library's patch: same behaviour, another module, no docstring
+        return type(obj).__name__ == "generator"
+
+    monkeypatch.setattr(inspect, "isgenerator", isgenerator)
+    in_process = python_docs()
+    assert not any(d.startswith("Return true if the object is a generator.") for d in in_process)
+    assert "Return true if the object is a generator." in clean
+    assert open(resolve_dataset_path("builtin:python-docs", tmp_path / "b")).read() == clean

@@ -2,7 +2,11 @@
 
 `data.path: builtin:python-docs` is written once to `<workdir>/data/python-docs.jsonl`
 (one document per line, column "text") and then loaded through `datasets` like any
-local file.
+local file. It is written by a fresh interpreter that imports nothing but the standard library
+(`python -I -S corpus.py OUT`): the docstrings it collects depend on what the calling process
+has imported (Ray, for one, replaces `inspect.isgenerator`), and one document more or less
+reshuffles the whole corpus, so a driver that had imported Ray and one that had not would hold
+out different documents for the same config.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import importlib
 import inspect
 import json
 import pkgutil
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -83,8 +88,17 @@ def resolve_dataset_path(path: str, workdir: str | Path) -> str:
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(".tmp")
-        with tmp.open("w") as f:
-            for doc in python_docs():
-                f.write(json.dumps({"text": doc}) + "\n")
+        subprocess.run([sys.executable, "-I", "-S", __file__, str(tmp)], check=True)
         tmp.replace(out)  # atomic: a concurrent reader never sees half a file
     return str(out)
+
+
+def write_python_docs(path: str | Path) -> None:
+    """Write `python_docs()` to path as JSON lines ({"text": ...})."""
+    with Path(path).open("w") as f:
+        for doc in python_docs():
+            f.write(json.dumps({"text": doc}) + "\n")
+
+
+if __name__ == "__main__":  # the fresh interpreter of `resolve_dataset_path`
+    write_python_docs(sys.argv[1])
