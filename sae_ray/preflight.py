@@ -70,7 +70,7 @@ def _widths(shapes: dict[str, tuple[int, ...] | None], config) -> dict[str, int]
     return {name: int(shape[-1]) if shape else int(config.hidden_size) for name, shape in shapes.items()}
 
 
-def _hook_widths(model, config, resolved) -> dict[str, int]:
+def hook_widths(model, config, resolved) -> dict[str, int]:
     """hook name -> d of each resolved hook (meta device; the residual width where it does not run)."""
     return _widths(_hook_shapes(model, config, resolved), config)
 

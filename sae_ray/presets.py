@@ -184,7 +184,7 @@ def read_model(name: str, layers: list[int] | None, sites: list[str], revision: 
     """The model's facts for the hook points (layer, site) of `layers` x `sites` (layers None: the
     middle block), and those pairs. InitError names MODEL, --layers or --sites when one is wrong."""
     from sae_ray.activations.hooks import find_blocks, resolve_hook
-    from sae_ray.preflight import _hook_widths, meta_model
+    from sae_ray.preflight import hook_widths, meta_model
 
     readable = _readable_name(name, revision)
     try:
@@ -210,7 +210,7 @@ def read_model(name: str, layers: list[int] | None, sites: list[str], revision: 
     facts = ModelFacts(kind=type(model).__name__, n_layers=n, d_model=int(config.hidden_size),
                        max_positions=getattr(config, "max_position_embeddings", None),
                        dtype=str(dtype).removeprefix("torch.") if dtype is not None else None,
-                       hooks=_hook_widths(model, config, resolved))
+                       hooks=hook_widths(model, config, resolved))
     return facts, pairs
 
 

@@ -17,6 +17,7 @@ from sae_ray.formats.saelens import CFG_FILENAME, WEIGHTS_FILENAME
 from sae_ray.sae import ARCHITECTURES, SAE, SAEConfig, create_sae
 from sae_ray.sae.jumprelu import JumpReLUFunction, JumpReLUSAE, StepFunction
 from sparse_rows import sparse_data
+from stack_check import assert_same_outputs, assert_same_state, step_both
 
 ALL = ["standard", "topk", "batchtopk", "jumprelu", "gated", "matryoshka"]
 UNIT_NORM = ["topk", "batchtopk", "jumprelu", "gated", "matryoshka"]
@@ -397,22 +398,6 @@ def _members(arch: str, **extra) -> list[SAE]:
     return saes
 
 
-def _assert_same(stack_out, outs):
-    for name in ("x_hat", "feature_acts", "loss", "mse"):
-        torch.testing.assert_close(getattr(stack_out, name), torch.stack([getattr(o, name) for o in outs]))
-    assert set(stack_out.aux) == set(outs[0].aux)
-    for key in stack_out.aux:
-        torch.testing.assert_close(stack_out.aux[key], torch.stack([o.aux[key] for o in outs]))
-
-
-def _assert_same_state(stack: SAE, saes: list[SAE], grads: bool = False):
-    for name, t in stack.named_parameters():
-        if grads:
-            torch.testing.assert_close(t.grad, torch.stack([getattr(s, name).grad for s in saes]), msg=name)
-        else:
-            torch.testing.assert_close(t, torch.stack([getattr(s, name) for s in saes]), msg=name)
-    for name, t in saes[0].named_buffers():
-        torch.testing.assert_close(getattr(stack, name), torch.stack([getattr(s, name) for s in saes]), msg=name)
 
 
 # JumpReLU again with both optional dead-latent losses on (per-member coefficients)
@@ -422,7 +407,7 @@ def test_stack_equals_separate(arch, extra):
     saes = _members(arch, **extra)
     stack = SAE.stack(saes)
     assert stack.n_stack == 3 and [c.__dict__ for c in stack.cfgs] == [s.cfg.__dict__ for s in saes]
-    _assert_same_state(stack, saes)
+    assert_same_state(stack, saes)
     for s in (*saes, stack):
         s.sparsity_scale = 0.7
     opts = [torch.optim.Adam(s.parameters(), lr=1e-2, betas=s.adam_betas) for s in saes]
@@ -432,30 +417,17 @@ def test_stack_equals_separate(arch, extra):
         x = batch(24, seed=step, dtype=torch.float64)
         outs = [s(x) for s in saes]
         stack_out = stack(x)
-        _assert_same(stack_out, outs)
+        assert_same_outputs(stack_out, outs)
         if "auxk" in stack_out.aux and step == 0:
             assert stack_out.aux["auxk"][0] == 0 and (stack_out.aux["auxk"][1:] > 0).all()
             dead_seen = True
-        for s, o in zip(saes, outs):
-            s.zero_grad()
-            o.loss.backward()
-            s.pre_step()
-        stack.zero_grad()
-        stack_out.loss.sum().backward()
-        stack.pre_step()
-        _assert_same_state(stack, saes, grads=True)
-        for s, opt in zip(saes, opts):
-            opt.step()
-            s.post_step()
-        stack_opt.step()
-        stack.post_step()
-        _assert_same_state(stack, saes)  # includes tokens_since_fired and BatchTopK's θ
+        step_both(stack, saes, stack_out, outs, stack_opt, opts)
     assert dead_seen or (arch not in K_ARCHS and not extra)
 
     x = batch(24, seed=9, dtype=torch.float64)
     for s in (*saes, stack):
         s.eval()
-    _assert_same(stack(x), [s(x) for s in saes])
+    assert_same_outputs(stack(x), [s(x) for s in saes])
 
     back = stack.unstack()
     assert [type(s) for s in back] == [type(saes[0])] * 3
@@ -479,7 +451,7 @@ def test_stack_members_may_share_k():
     stack = SAE.stack(saes)
     assert stack.k == 4  # one k: the plain path, no rank masks
     x = batch(dtype=torch.float64)
-    _assert_same(stack(x), [s(x) for s in saes])
+    assert_same_outputs(stack(x), [s(x) for s in saes])
 
 
 def test_stack_encode_decode_take_shared_or_per_member_batches():

@@ -23,8 +23,9 @@ ALL_ARCHITECTURES = ["standard", "topk", "batchtopk", "jumprelu", "gated", "matr
 N_SAES = 9  # one per coefficient architecture, two (k=4, k=8; trained as a stack) per k architecture
 
 
-def sweep_config(workdir, model_dir, data_path, **changes):
-    raw = {
+def sweep_raw(workdir, model_dir, data_path) -> dict:
+    """The raw config of a sweep of every architecture on a tiny model (`sweep_config` validates it)."""
+    return {
         "name": "e2e",
         "workdir": str(workdir),
         "model": {"name": model_dir},
@@ -40,9 +41,17 @@ def sweep_config(workdir, model_dir, data_path, **changes):
                   "monitor": {"enabled": False}},
         "resources": {"cpus_per_trial": 0.5},
     }
+
+
+def with_changes(raw: dict, changes: dict) -> dict:
+    """raw with each section of changes merged into its own (a non-dict value replaces it)."""
     for key, value in changes.items():
-        raw[key] = {**raw[key], **value}
-    return validate_config(raw)
+        raw[key] = {**raw[key], **value} if isinstance(raw.get(key), dict) else value
+    return raw
+
+
+def sweep_config(workdir, model_dir, data_path, **changes):
+    return validate_config(with_changes(sweep_raw(workdir, model_dir, data_path), changes))
 
 
 def test_sweep_end_to_end(tmp_path, tiny_model_factory, sample_texts, local_ray, capsys):

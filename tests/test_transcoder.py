@@ -22,6 +22,7 @@ from sae_ray.train.checkpoint import load_checkpoint, save_checkpoint
 from sae_ray.train.init import expected_norm_scale
 from sae_ray.train.loop import train_sae
 from sparse_rows import sparse_data
+from stack_check import assert_same_outputs, assert_same_state, step_both
 
 ALL = ["standard", "topk", "batchtopk", "jumprelu", "gated", "matryoshka"]
 K_ARCHS = ["topk", "batchtopk", "matryoshka"]
@@ -186,20 +187,6 @@ def _members(arch: str, skip: bool) -> list[SAE]:
     return saes
 
 
-def _assert_same(stack_out, outs):
-    for name in ("x_hat", "feature_acts", "loss", "mse"):
-        torch.testing.assert_close(getattr(stack_out, name), torch.stack([getattr(o, name) for o in outs]), msg=name)
-    assert set(stack_out.aux) == set(outs[0].aux)
-    for key in stack_out.aux:
-        torch.testing.assert_close(stack_out.aux[key], torch.stack([o.aux[key] for o in outs]), msg=key)
-
-
-def _assert_same_state(stack: SAE, saes: list[SAE], grads: bool = False):
-    for name, t in stack.named_parameters():
-        theirs = torch.stack([getattr(s, name).grad if grads else getattr(s, name) for s in saes])
-        torch.testing.assert_close(t.grad if grads else t, theirs, msg=name)
-    for name, t in saes[0].named_buffers():
-        torch.testing.assert_close(getattr(stack, name), torch.stack([getattr(s, name) for s in saes]), msg=name)
 
 
 @pytest.mark.parametrize("arch,skip", CASES, ids=IDS)
@@ -215,27 +202,14 @@ def test_stack_equals_separate(arch, skip):
         x, y = pair(24, seed=step, dtype=torch.float64)
         outs = [s(x, y) for s in saes]
         stack_out = stack(x, y)
-        _assert_same(stack_out, outs)
+        assert_same_outputs(stack_out, outs)
         if "auxk" in stack_out.aux and step == 0 and arch in K_ARCHS:
             assert stack_out.aux["auxk"][0] == 0 and (stack_out.aux["auxk"][1:] > 0).all()
-        for s, o in zip(saes, outs):
-            s.zero_grad()
-            o.loss.backward()
-            s.pre_step()
-        stack.zero_grad()
-        stack_out.loss.sum().backward()
-        stack.pre_step()
-        _assert_same_state(stack, saes, grads=True)
-        for s, opt in zip(saes, opts):
-            opt.step()
-            s.post_step()
-        stack_opt.step()
-        stack.post_step()
-        _assert_same_state(stack, saes)
+        step_both(stack, saes, stack_out, outs, stack_opt, opts)
     x, y = pair(24, seed=9, dtype=torch.float64)
     for s in (*saes, stack):
         s.eval()
-    _assert_same(stack(x, y), [s(x, y) for s in saes])
+    assert_same_outputs(stack(x, y), [s(x, y) for s in saes])
     torch.testing.assert_close(stack.decode(stack.encode(x), x), stack(x, y).x_hat)
     for b, s in zip(stack.unstack(), saes):
         assert asdict(b.cfg) == asdict(s.cfg)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import yaml
 from torch import nn
 
 import sae_ray
@@ -14,11 +15,13 @@ from sae_ray import tracking
 from sae_ray.activations.hooks import capture_activations, hook_name, resolve_hook, valid_hook_points
 from sae_ray.buffer import ActivationBuffer, BufferReader
 from sae_ray.buffer.split import held_out_rows
+from sae_ray.cli import main
 from sae_ray.config import ConfigError, validate_config
 from sae_ray.eval.metrics import evaluate_sae
 from sae_ray.preflight import preflight, transcoder_problems
 from sae_ray.sweep import run_sweep
 from sae_ray.sweep.plan import Stack
+from test_end_to_end import sweep_raw, with_changes
 from tiny_models import KINDS, write_jsonl
 
 IN, OUT = "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"
@@ -27,22 +30,12 @@ TRANSCODER = {"input": {"layer": 1, "site": "mlp_in"}, "output": {"site": "mlp_o
 
 def sweep_config(workdir, model_dir, data_path, **changes):
     """A transcoder sweep on a tiny model: no `hooks:` (the transcoder's two are added)."""
-    raw = {
-        "name": "tc",
-        "workdir": str(workdir),
-        "model": {"name": model_dir},
-        "data": {"path": str(data_path), "context_size": 24, "batch_size": 4},
-        "buffer": {"n_tokens": 10_000_000, "shard_rows": 128, "chunk_rows": 32},
-        "producers": {"count": 1, "num_cpus": 0.5},
-        "sae": {"architectures": ["topk"], "expansion_factor": [2], "k": [4, 8], "max_stack": 2, "transcoder": TRANSCODER},
-        "train": {"total_tokens": 4096, "batch_size": 128, "lr": 0.003, "log_every": 4, "eval_rows": 100,
-                  "dead_tokens": 1024, "monitor": {"enabled": False}},
-        "resources": {"cpus_per_trial": 0.5},
-        "eval": {"tokens": 256, "batch_size": 4},
-    }
-    for key, value in changes.items():
-        raw[key] = {**raw[key], **value} if isinstance(raw.get(key), dict) else value
-    return validate_config(raw)
+    raw = sweep_raw(workdir, model_dir, data_path)
+    del raw["hooks"]
+    raw.update(name="tc", producers={"count": 1, "num_cpus": 0.5}, eval={"tokens": 256, "batch_size": 4},
+               sae={"architectures": ["topk"], "expansion_factor": [2], "k": [4, 8], "max_stack": 2, "transcoder": TRANSCODER})
+    raw["train"]["total_tokens"] = 4096
+    return validate_config(with_changes(raw, changes))
 
 
 # -- mlp_in ------------------------------------------------------------------------------
@@ -243,7 +236,7 @@ def test_held_out_pairs_are_the_same_rows(tmp_path, monkeypatch):
 # -- a real sweep --------------------------------------------------------------------------
 
 
-def test_transcoder_sweep_end_to_end(tmp_path, tiny_model_factory, sample_texts, local_ray):
+def test_transcoder_sweep_end_to_end(tmp_path, tiny_model_factory, sample_texts, local_ray, capsys):
     model_dir = tiny_model_factory("gpt2")
     data = write_jsonl(tmp_path / "docs.jsonl", sample_texts * 3)
     cfg = sweep_config(tmp_path / "work", model_dir, data)
@@ -274,6 +267,15 @@ def test_transcoder_sweep_end_to_end(tmp_path, tiny_model_factory, sample_texts,
             assert float(v.tags[metric]) == pytest.approx(run.data.metrics[f"lm/{metric}"], rel=1e-4, abs=1e-6)
         assert run.data.metrics["lm/ce_loss_with_ablation"] > run.data.metrics["lm/ce_loss_without_sae"]
         assert run.data.metrics["lm/kl_div_with_sae"] >= 0
+
+    # steering writes a latent's decoder direction where the transcoder writes: the MLP's output
+    path = tmp_path / "tc.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude_none=True)))
+    steer = ["steer", f"{name}/1", "--config", str(path), "--latent", "1", "--prompt", "The cat", "--max-new-tokens", "3"]
+    assert main([*steer, "--strength", "20"]) == 0
+    assert f"(latent 1, strength 20.0, at {OUT})" in capsys.readouterr().out
+    assert main([*steer, "--clamp", "5"]) != 0  # read at one hook, written at another: refused, named
+    assert "is a transcoder" in capsys.readouterr().err
 
 
 # -- LM-level evaluation: spliced in place of the MLP ----------------------------------------
