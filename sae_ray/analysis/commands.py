@@ -87,7 +87,12 @@ def cmd_steer(args) -> int:
     cfg = _load(args)
     sae, _, _ = _ref_sae(args, cfg, "sae-ray steer")
     latent = _check_latent(args.latent, sae.cfg.d_sae)
-    h = hook_entry(cfg, sae.cfg.hook_name)
+    if sae.cfg.is_transcoder and args.clamp is not None:
+        raise ConfigError([f"--clamp {args.clamp}: {sae.cfg.hook_name} -> {sae.cfg.hook_name_out} is a transcoder, whose "
+                           "latent is read at one hook and written at another; clamping is for SAEs: use --strength"],
+                          "sae-ray steer")
+    # a latent's decoder direction lives where the SAE writes: a transcoder's output hook
+    h = hook_entry(cfg, sae.cfg.hook_name_out if sae.cfg.is_transcoder else sae.cfg.hook_name)
     model, tokenizer = load_model(cfg.model.name, cfg.model.revision, cfg.model.dtype, "cpu", cfg.model.trust_remote_code)
     try:
         require_causal(model, "sae-ray steer")
@@ -100,7 +105,7 @@ def cmd_steer(args) -> int:
     with steer(model, hook, **how):
         steered = generate(model, tokenizer, args.prompt, args.max_new_tokens, args.seed, args.temperature)
     what = f"clamped to {args.clamp}" if args.clamp is not None else f"strength {args.strength}"
-    print(f"prompt:   {args.prompt!r}\nplain:    {plain!r}\nsteered:  {steered!r}  (latent {latent}, {what})")
+    print(f"prompt:   {args.prompt!r}\nplain:    {plain!r}\nsteered:  {steered!r}  (latent {latent}, {what}, at {hook.name})")
     return 0
 
 

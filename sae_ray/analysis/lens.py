@@ -57,8 +57,8 @@ def logit_lens(model: nn.Module, sae: SAE, top: int = 10, chunk: int = 1024) -> 
     activation: promoted_ids, promoted_values, suppressed_ids, suppressed_values, each [d_sae, top]."""
     require_causal(model, "the logit lens")
     unembed = model.get_output_embeddings().weight.detach().float()  # [vocab, d_model]
-    if unembed.shape[1] != sae.cfg.d_in:
-        raise ValueError(f"logit lens: the SAE's d_in {sae.cfg.d_in} is not the model's width {unembed.shape[1]}")
+    if unembed.shape[1] != sae.cfg.d_target:  # the decoder's space: a transcoder's output, e.g. mlp_out
+        raise ValueError(f"logit lens: the SAE's decoder width {sae.cfg.d_target} is not the model's width {unembed.shape[1]}")
     gamma = final_norm_weight(model)
     W = unembed * gamma if gamma is not None else unembed
     W_dec = sae.W_dec.detach().float().to(W.device)
