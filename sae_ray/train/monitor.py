@@ -21,8 +21,9 @@ Why "not falling": an L1-penalised SAE passes through a dense phase; a good one 
 L0 0.7 -> 0.08 of d_sae over a run) is above 0.2 * d_sae for half of it, while one whose penalty
 is far too weak gets denser. The same for FVU: a transcoder starts well above 1 (its output is a
 different activation from its input, so no tied start helps) and may still be above 1, falling
-(SmolLM2 layer 15: 1.42 -> 1.02 over 20k tokens), when a warmup's worth has passed. Stops need evidence over time, so a run whose only log step is its
-last (short tests) is never stopped for density or FVU, only flagged.
+(SmolLM2 layer 15: 1.42 -> 1.02 over 20k tokens), when a warmup's worth has passed. Stops need
+evidence over time, so a run whose only log step is its last (short tests) is never stopped for
+density or FVU, only flagged.
 
 A stop is final. A "dense" or "dead" warning holds while its condition does: a later log step
 below the level (for dense: at full penalty) clears it, and the verdict goes back to "ok" when
