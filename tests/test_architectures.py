@@ -26,7 +26,6 @@ K_ARCHS = ["topk", "batchtopk", "matryoshka"]
 SPARSITY = {"k": [2, 4, 7], "l1_coefficient": [0.05, 0.2, 1.0], "l0_coefficient": [0.01, 0.1, 0.5]}
 
 
-
 def config(arch: str, d_in: int = 8, d_sae: int = 32, member: int = 1, dtype: str = "float32", **extra) -> SAEConfig:
     """A config with the architecture's member-th sparsity value (jumprelu: a wide bandwidth,
     so that a test batch has pre-activations inside the kernel window)."""
@@ -396,8 +395,6 @@ def _members(arch: str, **extra) -> list[SAE]:
         sae.tokens_since_fired[: [0, 3, 32][i]] = 100
         saes.append(sae)
     return saes
-
-
 
 
 # JumpReLU again with both optional dead-latent losses on (per-member coefficients)

@@ -187,8 +187,6 @@ def _members(arch: str, skip: bool) -> list[SAE]:
     return saes
 
 
-
-
 @pytest.mark.parametrize("arch,skip", CASES, ids=IDS)
 def test_stack_equals_separate(arch, skip):
     """Members of a stack share x and the target; outputs, gradients and steps equal theirs alone."""
