@@ -99,6 +99,9 @@ def fit_sae(x, architecture: str = "topk", *, d_sae: int | None = None, k: int |
         first = next(it, None)
         if first is None:
             raise ValueError("fit_sae: x is an iterator that yielded no batch")
+        if not isinstance(first, torch.Tensor) or first.dim() != 2:
+            what = f"shape {tuple(first.shape)}" if isinstance(first, torch.Tensor) else type(first).__name__
+            raise ValueError(f"fit_sae: x's first batch is a {what}; expected tensors of rows [B, d_in]")
         d_in, batches = first.shape[-1], itertools.chain([first], it)
 
     given = {name: v for name, v in (("k", k), ("l1_coefficient", l1_coefficient),
@@ -130,8 +133,7 @@ def fit_sae(x, architecture: str = "topk", *, d_sae: int | None = None, k: int |
     batch_size = presets.batch_size_for(total_tokens) if batch_size is None else batch_size
     if lr is None:
         lr = presets.learning_rate(cfg.d_sae, presets.optimizer_steps(total_tokens, batch_size))
-    # as `sae-ray init` sets it (presets.init_config)
-    train.setdefault("dead_tokens", max(1, min(TrainConfig.model_fields["dead_tokens"].default, total_tokens // 10)))
+    train.setdefault("dead_tokens", presets.dead_tokens_for(total_tokens))  # as `sae-ray init` sets it
     train_cfg = TrainConfig(total_tokens=total_tokens, batch_size=batch_size, lr=lr, seed=seed, device=device, **train)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -113,6 +113,12 @@ def batch_size_for(total_tokens: int) -> int:
     return min(MAX_BATCH, max(MIN_BATCH, 2 ** int(math.log2(per_step))))
 
 
+def dead_tokens_for(total_tokens: int) -> int:
+    """train.dead_tokens for a run of total_tokens: a tenth of it, at most TrainConfig's default
+    (1M), at least 1, so AuxK revives dead latents within a short run."""
+    return max(1, min(TrainConfig.model_fields["dead_tokens"].default, total_tokens // 10))
+
+
 def learning_rate(d_sae: int, steps: int) -> float:
     """Adam lr for an SAE of `d_sae` latents trained `steps` steps, to 2 significant digits:
     min(LR_MAX, 2e-4 * sqrt(2**14 / d_sae) * max(1, sqrt(LONG_RUN_STEPS / steps)))."""
@@ -342,7 +348,7 @@ def init_config(model: str, layers: list[int] | None = None, sites: tuple[str, .
     d_saes = sorted({f * d for f in EXPANSION_FACTORS for d in d_ins})
     lr = learning_rate(max(d_saes), steps)
     ladder = target_l0_ladder(min(d_ins))
-    dead = min(TrainConfig.model_fields["dead_tokens"].default, total // 10)
+    dead = dead_tokens_for(total)
     n_stacks = len(pairs) * len(architectures) * len(EXPANSION_FACTORS) * math.ceil(len(ladder) / AUTO_MAX_STACK)
     producer_gpus, trial_gpus = gpu_shares(gpus, n_stacks)
     context = DataConfig.model_fields["context_size"].default

@@ -158,6 +158,8 @@ def test_fit_sae_names_the_argument_it_cannot_use():
         fit_sae(x[:, 0], "topk", k=2)
     with pytest.raises(ValueError, match="total_tokens=None; an iterator"):
         fit_sae(iter(x.split(64)), "topk", k=2)
+    with pytest.raises(ValueError, match=r"first batch is a list; expected tensors of rows"):
+        fit_sae(iter([[1.0, 2.0]]), "topk", k=2, total_tokens=64)
 
 
 def test_fit_sae_takes_an_iterator_and_target_l0():
